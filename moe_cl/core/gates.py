@@ -1,0 +1,96 @@
+"""Gates: map a batch to routing probabilities g [B, M] over the experts.
+
+* :class:`SoftmaxGate` is the original gate: a network, a final Linear(., M), softmax(z / T).
+* :class:`AttentiveGate` is the paper's gate: the network gives a query, each expert's hidden
+  vector gives a key, and g = softmax(q . k_i / sqrt(H)). It has no per-expert parameters, so new
+  experts are routed to through their own keys without touching the gate.
+
+Both share the call ``gate(x, expert_hidden)``; ``needs_expert_hidden`` says whether the second
+argument is read (the softmax gate can route before any expert runs, which top-k needs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SoftmaxGate(nn.Module):
+    """Original gate. Its output layer grows in segments so old rows keep optimizer state."""
+
+    needs_expert_hidden = False
+
+    def __init__(
+        self, network: nn.Module, features: int, num_experts: int, *, temperature: float = 1.0
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.network = network
+        self.features = features
+        self.temperature = temperature
+        self.heads = nn.ModuleList([nn.Linear(features, num_experts)])
+
+    @property
+    def num_experts(self) -> int:
+        return sum(h.out_features for h in self.heads)
+
+    def add_experts(self, count: int) -> None:
+        ref = self.heads[0].weight
+        self.heads.append(nn.Linear(self.features, count).to(ref.device, ref.dtype))
+
+    def logits(self, x: Tensor) -> Tensor:
+        z = self.network(x)
+        if z.shape[-1] != self.features:
+            raise ValueError(
+                f"gate network gives {z.shape[-1]} features, the gate expects features="
+                f"{self.features}"
+            )
+        return torch.cat([head(z) for head in self.heads], dim=-1)
+
+    def forward(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
+        return torch.softmax(self.logits(x) / self.temperature, dim=-1)
+
+
+class AttentiveGate(nn.Module):
+    """Attention-like gate: q = W_q h_g(x), k_i = W_k h_i(x), g = softmax(q . k_i / sqrt(H))."""
+
+    needs_expert_hidden = True
+
+    def __init__(self, network: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        self.network = network
+        self.hidden_size = hidden_size
+        self.query = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.key = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def attention_scores(self, x: Tensor, expert_hidden: Tensor) -> Tensor:
+        """Scaled dot products q . k_i / sqrt(H), [B, M]."""
+        h_gate = self.network(x)
+        if h_gate.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"gate network gives {h_gate.shape[-1]} features, expected hidden_size="
+                f"{self.hidden_size}"
+            )
+        if expert_hidden.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"experts' hidden vectors have size {expert_hidden.shape[-1]}, expected "
+                f"hidden_size={self.hidden_size}"
+            )
+        q = self.query(h_gate)  # [B, H]
+        k = self.key(expert_hidden)  # [B, M, H]
+        return torch.einsum("bh,bmh->bm", q, k) / math.sqrt(self.hidden_size)
+
+    def forward(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
+        if expert_hidden is None:
+            raise ValueError("the attentive gate needs expert_hidden [B, M, H] (the keys)")
+        return torch.softmax(self.attention_scores(x, expert_hidden), dim=-1)
+
+
+Gate = SoftmaxGate | AttentiveGate

@@ -1,0 +1,131 @@
+"""The mixture: a gate over an expert bank, returning everything one forward pass knows.
+
+Losses and routing metrics read :class:`MoEOutput` instead of running the model again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from moe_cl.core.bank import ExpertBank, check_input
+from moe_cl.core.gates import AttentiveGate, Gate
+
+EPS = 1e-7
+OutputMode = Literal["expectation", "stochastic"]
+
+
+@dataclass
+class MoEOutput:
+    """One forward pass of a mixture.
+
+    log_probs: [B, K] what the model predicts (log of the mixture, or of the chosen expert).
+    gate: [B, M] routing probabilities g(x).
+    expert_log_probs: [B, M, K] log f_i(x) (None in top-k inference).
+    hidden: [B, M, H] the experts' hidden vectors h_i(x) (None in top-k inference).
+    selected: [B] the expert with the largest gate value.
+    """
+
+    log_probs: Tensor
+    gate: Tensor
+    expert_log_probs: Tensor | None
+    hidden: Tensor | None
+    selected: Tensor
+
+    def selected_expert_prediction(self) -> Tensor:
+        """Class predicted by the expert with the largest gate value (the paper's Y_pred)."""
+        if self.expert_log_probs is None:
+            return self.log_probs.argmax(-1)
+        rows = torch.arange(len(self.selected), device=self.selected.device)
+        return self.expert_log_probs[rows, self.selected].argmax(-1)
+
+
+def masked_log_softmax(logits: Tensor, class_mask: Tensor | None) -> Tensor:
+    """log softmax over the allowed classes only ([K] or [B, K] bool mask; None = all)."""
+    if class_mask is not None:
+        if class_mask.dim() == 1:
+            mask = class_mask.view(*([1] * (logits.dim() - 1)), -1)
+        else:  # [B, K] for logits [B, (M,) K]
+            mask = class_mask.view(class_mask.shape[0], *([1] * (logits.dim() - 2)), -1)
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+class MixtureOfExpertsCore(nn.Module):
+    """Gate + experts. ``output`` chooses how the experts' predictions are combined.
+
+    * ``expectation``: y_hat = sum_i g_i f_i; log_probs = log(y_hat + eps).
+    * ``stochastic``: during training one expert e ~ Categorical(g) predicts; at inference the
+      argmax expert does. The training loss is the Jacobs et al. one (see losses).
+    """
+
+    def __init__(
+        self, bank: ExpertBank, gate: Gate, *, output: OutputMode = "expectation"
+    ) -> None:
+        super().__init__()
+        if output not in ("expectation", "stochastic"):
+            raise ValueError(f"output must be 'expectation' or 'stochastic', got {output!r}")
+        if isinstance(gate, AttentiveGate) and gate.hidden_size != bank.hidden_size:
+            raise ValueError(
+                f"hidden_size of the attentive gate ({gate.hidden_size}) must equal the experts' "
+                f"hidden size ({bank.hidden_size})"
+            )
+        if not isinstance(gate, AttentiveGate) and gate.num_experts != bank.num_experts:
+            raise ValueError(
+                f"num_experts of the gate ({gate.num_experts}) must equal the bank's "
+                f"({bank.num_experts})"
+            )
+        self.bank = bank
+        self.gate = gate
+        self.output = output
+
+    @property
+    def num_experts(self) -> int:
+        return self.bank.num_experts
+
+    def add_experts(self, count: int) -> None:
+        """Grow by ``count`` experts; existing parameters keep their identity."""
+        self.bank.add_experts(count)
+        if not isinstance(self.gate, AttentiveGate):
+            self.gate.add_experts(count)
+
+    def forward(self, x: Tensor, class_mask: Tensor | None = None) -> MoEOutput:
+        check_input(x, self.bank.spec.input_shape)
+        logits, hidden = self.bank(x)
+        gate = self.gate(x, hidden)
+        expert_log_probs = masked_log_softmax(logits, class_mask)
+        selected = gate.argmax(-1)
+        rows = torch.arange(len(x), device=x.device)
+        if self.output == "expectation":
+            mixture = torch.einsum("bm,bmk->bk", gate, expert_log_probs.exp())
+            log_probs = torch.log(mixture + EPS)
+        else:
+            chosen = torch.multinomial(gate.detach(), 1).squeeze(1) if self.training else selected
+            log_probs = expert_log_probs[rows, chosen]
+        return MoEOutput(log_probs, gate, expert_log_probs, hidden, selected)
+
+    @torch.no_grad()
+    def forward_top_k(self, x: Tensor, k: int, class_mask: Tensor | None = None) -> MoEOutput:
+        """Inference with only the k largest gate values: just those experts are computed."""
+        if self.gate.needs_expert_hidden:
+            raise ValueError(
+                "top-k inference needs a gate that routes before the experts run; distil the "
+                "attentive gate into a softmax gate first (moe_cl.core.zoo.distilled_gate)"
+            )
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"k must be in [1, {self.num_experts}], got {k}")
+        check_input(x, self.bank.spec.input_shape)
+        gate = self.gate(x)
+        top_values, top_experts = gate.topk(k, dim=-1)
+        weights = top_values / top_values.sum(-1, keepdim=True)
+        samples = torch.arange(len(x), device=x.device).repeat_interleave(k)
+        logits = self.bank.forward_selected(x, samples, top_experts.flatten())
+        mask = None
+        if class_mask is not None:
+            mask = class_mask if class_mask.dim() == 1 else class_mask[samples]
+        probs = masked_log_softmax(logits, mask).exp().view(len(x), k, -1)
+        mixture = torch.einsum("bk,bkc->bc", weights, probs)
+        return MoEOutput(torch.log(mixture + EPS), gate, None, None, top_experts[:, 0])
