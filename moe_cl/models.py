@@ -1,0 +1,277 @@
+"""Avalanche models: the mixture as a growing ``DynamicModule``, and the single-model baseline.
+
+Both are ``MultiTaskModule``s only so that Avalanche hands them the task labels; they keep one
+head over all classes and mask it: to the classes seen so far (class-incremental) or to the
+classes of each sample's task (task-incremental).
+
+The forward pass returns log-probabilities [B, K] (what Avalanche's accuracy and loss metrics
+read) and keeps the whole :class:`~moe_cl.core.mixture.MoEOutput` in ``last_output`` for the
+regulariser plugins and routing metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from avalanche.benchmarks.scenarios import CLExperience
+from avalanche.models import MultiTaskModule
+from torch import Tensor, nn
+
+from moe_cl.core.mixture import MixtureOfExpertsCore, MoEOutput, masked_log_softmax
+from moe_cl.core.zoo import Architecture, build_single_model, distilled_gate, get_architecture
+from moe_cl.core.zoo import build_mixture as build_core_mixture
+
+PolicyKind = Literal["fixed", "grow", "grow_on_demand"]
+Scenario = Literal["class", "task"]
+POLICIES = ("fixed", "grow", "grow_on_demand")
+SCENARIOS = ("class", "task")
+
+
+@dataclass
+class ExpertPolicy:
+    """How the pool of experts changes from one training experience to the next.
+
+    ``fixed``: the initial experts are reused on every experience.
+    ``grow``: ``per_experience`` experts are added at each experience after the first.
+    ``grow_on_demand``: experts are added only when the pool fits the new experience poorly:
+    on up to ``probe_samples`` samples of it, the mean over samples of the lowest cross-entropy
+    of any single expert (nats, masked to the classes known after adding the experience's ones)
+    must exceed ``threshold``.
+    ``freeze_old``: when experts are added, the existing ones stop training.
+    """
+
+    kind: PolicyKind = "fixed"
+    per_experience: int = 1
+    freeze_old: bool = False
+    threshold: float = 1.0
+    probe_samples: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICIES:
+            raise ValueError(f"experts.policy must be one of {POLICIES}, got {self.kind!r}")
+        if self.per_experience < 1:
+            raise ValueError(f"experts.per_experience must be >= 1, got {self.per_experience}")
+        if self.probe_samples < 1:
+            raise ValueError(f"probe_samples must be >= 1, got {self.probe_samples}")
+
+
+class ClassMasking(MultiTaskModule):
+    """Keeps track of known classes per task and builds the output mask of a batch."""
+
+    def __init__(self, num_classes: int, scenario: Scenario, mask_unseen: bool) -> None:
+        super().__init__()
+        if scenario not in SCENARIOS:
+            raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
+        self.num_classes = num_classes
+        self.scenario = scenario
+        self.mask_unseen = mask_unseen
+        # seen[t, k]: class k belongs to task t (row 0 collects every class in class-IL).
+        self.register_buffer("seen", torch.zeros(1, num_classes, dtype=torch.bool))
+
+    def register_classes(self, experience: CLExperience) -> None:
+        classes = list(experience.classes_in_this_experience)
+        if classes and max(classes) >= self.num_classes:
+            raise ValueError(
+                f"experience has class {max(classes)} but the model has num_classes="
+                f"{self.num_classes}"
+            )
+        task = experience.task_labels[0] if self.scenario == "task" else 0
+        if task >= self.seen.shape[0]:
+            grown = self.seen.new_zeros(task + 1, self.num_classes)
+            grown[: self.seen.shape[0]] = self.seen
+            self.seen = grown
+        self.seen[task, classes] = True
+
+    def class_mask(self, task_labels: Tensor | None) -> Tensor | None:
+        if self.scenario == "task" and task_labels is not None:
+            labels = task_labels.clamp(max=self.seen.shape[0] - 1)
+            return self.seen[labels]
+        if self.mask_unseen and bool(self.seen.any()):
+            return self.seen.any(0)
+        return None
+
+
+class MixtureOfExperts(ClassMasking):
+    """A mixture of experts that reuses or adds experts across experiences (Avalanche model).
+
+    Build it from a paper architecture name (``mnist``, ``fmnist``, ``cifar100``,
+    ``cifar100_h256``) or any :class:`~moe_cl.core.zoo.Architecture`.
+    """
+
+    def __init__(
+        self,
+        *,
+        architecture: str | Architecture,
+        gate: str = "attentive",
+        num_experts: int | None = None,
+        output: str = "expectation",
+        policy: ExpertPolicy | None = None,
+        scenario: Scenario = "class",
+        mask_unseen_classes: bool = True,
+    ) -> None:
+        arch = get_architecture(architecture) if isinstance(architecture, str) else architecture
+        super().__init__(arch.num_classes, scenario, mask_unseen_classes)
+        self.architecture = arch
+        self.core = build_core_mixture(arch, gate=gate, num_experts=num_experts, output=output)
+        self.policy = policy or ExpertPolicy()
+        self.growth_log: list[dict] = []
+        self._trained_experiences: list[int] = []
+        self.last_output: MoEOutput | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.core.num_experts
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return [g.num_experts for g in self.core.bank.groups]
+
+    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
+        self.last_output = self.core(x, self.class_mask(task_labels))
+        return self.last_output.log_probs
+
+    def forward_top_k(self, x: Tensor, k: int, task_labels: Tensor | None = None) -> Tensor:
+        self.last_output = self.core.forward_top_k(x, k, self.class_mask(task_labels))
+        return self.last_output.log_probs
+
+    # -- adaptation across experiences
+
+    def adaptation(self, experience: CLExperience) -> None:
+        super().adaptation(experience)
+        if self.scenario == "task" or self.training:
+            self.register_classes(experience)
+        if not self.training or experience.current_experience in self._trained_experiences:
+            return
+        first = not self._trained_experiences
+        self._trained_experiences.append(experience.current_experience)
+        if first or self.policy.kind == "fixed":
+            return
+        entry = {"experience": experience.current_experience, "policy": self.policy.kind}
+        if self.policy.kind == "grow_on_demand":
+            score = self.novelty_score(experience)
+            entry.update(score=score, threshold=self.policy.threshold)
+            if score <= self.policy.threshold:
+                self.growth_log.append({**entry, "added": 0, "reason": "pool fits"})
+                return
+            entry["reason"] = f"best-expert loss {score:.3f} > threshold {self.policy.threshold}"
+        else:
+            entry["reason"] = "new experience"
+        self.add_experts(self.policy.per_experience, freeze_old=self.policy.freeze_old)
+        self.growth_log.append({**entry, "added": self.policy.per_experience})
+
+    def add_experts(self, count: int, *, freeze_old: bool = False) -> None:
+        """Add ``count`` experts; old parameters keep their identity (and optimizer state)."""
+        if freeze_old:
+            self.core.bank.freeze_existing()
+        self.core.add_experts(count)
+
+    @torch.no_grad()
+    def novelty_score(self, experience: CLExperience) -> float:
+        """Mean over probe samples of the lowest single-expert cross-entropy (nats)."""
+        x, y, t = _first_samples(experience, self.policy.probe_samples, self._device())
+        was_training = self.training
+        self.eval()
+        try:
+            mask = self.class_mask(t)
+            if mask is not None:  # the new experience's classes count as known
+                mask = mask.clone()
+                mask[..., list(experience.classes_in_this_experience)] = True
+            out = self.core(x, mask)
+            rows = torch.arange(len(y), device=y.device)
+            losses = -out.expert_log_probs[rows, :, y]  # [B, M]
+            return float(losses.min(-1).values.mean())
+        finally:
+            self.train(was_training)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- distillation and state
+
+    def distill_gate(self) -> None:
+        """Replace the attentive gate by a softmax gate routing without the experts (experts
+        frozen, gate network initialised from the attentive one); train it afterwards."""
+        self.core = distilled_gate(self.core, self.architecture)
+
+    def grow_to(self, group_sizes: list[int]) -> None:
+        """Recreate the expert groups of a saved model before loading its state_dict."""
+        current = self.group_sizes
+        if current != group_sizes[: len(current)]:
+            raise ValueError(f"cannot grow expert groups {current} into {group_sizes}")
+        for size in group_sizes[len(current) :]:
+            self.core.add_experts(size)
+
+    def extra_state(self) -> dict:
+        return {
+            "group_sizes": self.group_sizes,
+            "frozen_groups": [g.frozen for g in self.core.bank.groups],
+            "growth_log": self.growth_log,
+            "trained_experiences": self._trained_experiences,
+            "policy": asdict(self.policy),
+            "seen_shape": list(self.seen.shape),
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        self.grow_to(list(state["group_sizes"]))
+        for group, frozen in zip(self.core.bank.groups, state["frozen_groups"], strict=True):
+            if frozen:
+                group.freeze()
+        self.growth_log = list(state["growth_log"])
+        self._trained_experiences = list(state["trained_experiences"])
+        self.seen = torch.zeros(*state["seen_shape"], dtype=torch.bool, device=self.seen.device)
+
+
+class SingleExpertModel(ClassMasking):
+    """The single-model baseline (one expert) with the same masking and output format, so that
+    Avalanche's own strategies (Naive, EWC, LwF, Replay, ...) run on a comparable backbone."""
+
+    def __init__(
+        self,
+        *,
+        architecture: str | Architecture,
+        scenario: Scenario = "class",
+        mask_unseen_classes: bool = True,
+    ) -> None:
+        arch = get_architecture(architecture) if isinstance(architecture, str) else architecture
+        super().__init__(arch.num_classes, scenario, mask_unseen_classes)
+        self.architecture = arch
+        self.expert = build_single_model(arch)
+
+    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
+        logits, _ = self.expert(x)
+        return masked_log_softmax(logits, self.class_mask(task_labels))
+
+    def adaptation(self, experience: CLExperience) -> None:
+        super().adaptation(experience)
+        if self.scenario == "task" or self.training:
+            self.register_classes(experience)
+
+
+def _first_samples(
+    experience: CLExperience, count: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    loader = torch.utils.data.DataLoader(experience.dataset.eval(), batch_size=count)
+    x, y, t = next(iter(loader))[:3]
+    return x.to(device), y.to(device), t.to(device)
+
+
+def routing_output(model: nn.Module) -> MoEOutput:
+    """The last forward pass's routing of a :class:`MixtureOfExperts` (clear error otherwise)."""
+    output = getattr(model, "last_output", None)
+    if output is None:
+        raise TypeError(
+            "routing plugins need a moe_cl.models.MixtureOfExperts model that ran a forward pass; "
+            f"got {type(model).__name__}"
+        )
+    return output
+
+
+__all__ = [
+    "ExpertPolicy",
+    "MixtureOfExperts",
+    "MixtureOfExpertsCore",
+    "SingleExpertModel",
+    "routing_output",
+]

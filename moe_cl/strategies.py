@@ -1,0 +1,121 @@
+"""``MoEStrategy``: Avalanche's ``SupervisedTemplate`` for mixtures of experts.
+
+It adds to the template only what a mixture needs: the mixture's loss (expectation or
+stochastic), optional top-k inference, per-batch augmentation on the device, and the fast tensor
+data path. Regularisers, growth and routing metrics stay plugins and modules, so they compose
+with Avalanche's own (ReplayPlugin, EWCPlugin, LwFPlugin, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from avalanche.core import BasePlugin
+from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from moe_cl.core.losses import stochastic_nll
+from moe_cl.data import Batch, TensorBatches, dataset_tensors
+from moe_cl.models import MixtureOfExperts, routing_output
+
+
+class MoEStrategy(SupervisedTemplate):
+    """Train a :class:`~moe_cl.models.MixtureOfExperts` on a stream of experiences.
+
+    :param batch_augment: applied to each training mini-batch on the device (e.g. CIFAR flips
+        and crops), identically on the fast and the standard data path.
+    :param fast_data: hold each experience as tensors on the device and batch by index
+        (falls back to Avalanche's loaders when a plugin replaces the loader, e.g. replay).
+    :param eval_top_k: at evaluation, mix only the k experts with the largest gate values and
+        compute only those (needs a softmax or distilled gate).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: MixtureOfExperts,
+        optimizer: Optimizer,
+        train_mb_size: int = 256,
+        train_epochs: int = 1,
+        eval_mb_size: int = 1024,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[BasePlugin] | None = None,
+        evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] = default_evaluator,
+        eval_every: int = -1,
+        batch_augment: Callable[[Tensor], Tensor] | None = None,
+        fast_data: bool = True,
+        eval_top_k: int | None = None,
+    ) -> None:
+        if not isinstance(model, MixtureOfExperts):
+            raise TypeError(f"model must be a moe_cl MixtureOfExperts, got {type(model).__name__}")
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=nn.NLLLoss(),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=list(plugins or []),
+            evaluator=evaluator,
+            eval_every=eval_every,
+        )
+        self.batch_augment = batch_augment
+        self.fast_data = fast_data
+        self.eval_top_k = eval_top_k
+        self._eval_cache: dict[int, tuple[object, Batch]] = {}
+
+    # -- model
+
+    def forward(self) -> Tensor:
+        if self.eval_top_k is not None and not self.is_training:
+            return self.model.forward_top_k(self.mb_x, self.eval_top_k, self.mb_task_id)
+        return self.model(self.mb_x, self.mb_task_id)
+
+    def criterion(self) -> Tensor:
+        out = routing_output(self.model)
+        if self.model.core.output == "stochastic" and out.expert_log_probs is not None:
+            return stochastic_nll(out.gate, out.expert_log_probs, self.mb_y)
+        return self._criterion(self.mb_output, self.mb_y)
+
+    def _unpack_minibatch(self) -> None:
+        super()._unpack_minibatch()
+        if self.is_training and self.batch_augment is not None:
+            self.mbatch[0] = self.batch_augment(self.mbatch[0])
+
+    # -- data
+
+    def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
+                              persistent_workers=False, drop_last=False, **kwargs) -> None:
+        if not self.fast_data:
+            return super().make_train_dataloader(num_workers, shuffle, pin_memory,
+                                                 persistent_workers, drop_last, **kwargs)
+        self.dataloader = TensorBatches(
+            self._tensors("train"), self.train_mb_size, shuffle=shuffle, drop_last=drop_last
+        )
+
+    def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
+                             persistent_workers=False, **kwargs) -> None:
+        if not self.fast_data:
+            return super().make_eval_dataloader(num_workers, shuffle, pin_memory,
+                                                persistent_workers, **kwargs)
+        self.dataloader = TensorBatches(self._tensors("eval"), self.eval_mb_size, shuffle=False)
+
+    def _tensors(self, phase: str) -> Batch:
+        """The adapted dataset as tensors on the device.
+
+        Training data are gathered once per experience (plugins may change them); evaluation
+        data once per test experience, since every experience is evaluated again and again.
+        """
+        if phase == "train":
+            return tuple(t.to(self.device) for t in dataset_tensors(self.adapted_dataset))
+        source = self.experience.dataset
+        entry = self._eval_cache.get(id(source))
+        if entry is None or entry[0] is not source:
+            tensors = dataset_tensors(self.adapted_dataset)
+            entry = (source, tuple(t.to(self.device) for t in tensors))
+            self._eval_cache[id(source)] = entry
+        return entry[1]
