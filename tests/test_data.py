@@ -1,0 +1,49 @@
+"""The fast data path: tensors out of Avalanche datasets, batches by index."""
+
+import torch
+import torchvision.transforms as T
+
+from moe_cl.benchmarks import make_benchmark
+from moe_cl.data import TensorBatches, dataset_tensors
+
+
+def _loader_tensors(dataset):
+    batches = list(torch.utils.data.DataLoader(dataset, batch_size=1000, shuffle=False))
+    return tuple(torch.cat([b[i] for b in batches]) for i in range(3))
+
+
+def test_tree_walk_equals_loader_on_subsets_and_concatenations():
+    bundle = make_benchmark("tiny", n_experiences=3, seed=1)
+    train = bundle.benchmark.train_stream
+    mixed = train[2].dataset.concat(train[0].dataset.subset([5, 1, 9, 3]))
+    for dataset in (train[1].dataset, mixed):
+        got = dataset_tensors(dataset)
+        expected = _loader_tensors(dataset)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_datasets_with_transforms_are_read_with_their_transforms():
+    bundle = make_benchmark("tiny", n_experiences=2, seed=1)
+    dataset = bundle.benchmark.train_stream[0].dataset.train()
+    doubled = dataset.replace_current_transform_group(T.Lambda(lambda x: 2 * x))
+    x, _, _ = dataset_tensors(dataset)
+    x2, _, _ = dataset_tensors(doubled)
+    torch.testing.assert_close(x2, 2 * x)
+
+
+def test_tensor_batches_see_every_sample_once_per_pass():
+    x = torch.arange(10).float()[:, None]
+    batches = TensorBatches((x, torch.arange(10), torch.zeros(10, dtype=torch.long)), 4,
+                            shuffle=True)
+    assert len(batches) == 3
+    torch.manual_seed(0)
+    first = torch.cat([b[1] for b in batches])
+    second = torch.cat([b[1] for b in batches])
+    assert sorted(first.tolist()) == list(range(10)) == sorted(second.tolist())
+    assert first.tolist() != second.tolist()  # a new permutation each pass
+    torch.manual_seed(0)
+    assert torch.cat([b[1] for b in batches]).tolist() == first.tolist()  # seeded order
+    dropped = TensorBatches((x, torch.arange(10), torch.zeros(10)), 4, shuffle=False,
+                            drop_last=True)
+    assert [len(b[0]) for b in dropped] == [4, 4]

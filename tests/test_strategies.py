@@ -1,0 +1,262 @@
+"""Avalanche integration: growth policies, freezing, optimizer state, scenarios, plugins."""
+
+import copy
+
+import pytest
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive
+from avalanche.training.plugins import ReplayPlugin
+
+from moe_cl.benchmarks import make_benchmark
+from moe_cl.core.zoo import mlp_architecture
+from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
+from moe_cl.plugins import (
+    ImportanceRegularizer,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    SampleSimilarityRegularizer,
+)
+from moe_cl.strategies import MoEStrategy
+from tests.helpers import quiet_evaluator, stream_from_tensors
+
+
+def _strategy(model, *, epochs=4, plugins=(), evaluator=None, **kwargs):
+    return MoEStrategy(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
+        train_mb_size=32,
+        train_epochs=epochs,
+        eval_mb_size=256,
+        plugins=list(plugins),
+        evaluator=evaluator or quiet_evaluator(),
+        **kwargs,
+    )
+
+
+def _tiny(n_experiences=3, scenario="class", seed=0):
+    bundle = make_benchmark("tiny", n_experiences=n_experiences, scenario=scenario, seed=seed)
+    arch = mlp_architecture(bundle.input_shape, bundle.n_classes, width=32, hidden=16)
+    return bundle, arch
+
+
+class _OptimizerSnapshots(SupervisedPlugin):
+    """Adam state of the first expert group: after each experience and right after adaptation."""
+
+    def __init__(self):
+        super().__init__()
+        self.after_exp, self.after_adaptation = [], []
+
+    def _snapshot(self, strategy):
+        group = strategy.model.core.bank.groups[0]
+        return {
+            name: copy.deepcopy(strategy.optimizer.state.get(p, {}))
+            for name, p in group.named_parameters()
+        }
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.after_exp.append(self._snapshot(strategy))
+
+    def before_training_epoch(self, strategy, **kwargs):
+        if strategy.clock.train_exp_epochs == 0:
+            self.after_adaptation.append(self._snapshot(strategy))
+
+
+def test_grow_with_freeze_keeps_old_experts_bit_identical():
+    torch.manual_seed(0)
+    bundle, arch = _tiny(3)
+    model = MixtureOfExperts(architecture=arch, gate="attentive", num_experts=2,
+                             policy=ExpertPolicy("grow", per_experience=2, freeze_old=True))
+    strategy = _strategy(model)
+    probe = torch.randn(16, *bundle.input_shape)
+    outputs_of_first = []
+    results = None
+    for exp in bundle.benchmark.train_stream:
+        strategy.train(exp)
+        results = strategy.eval(bundle.benchmark.test_stream)
+        model.eval()
+        logits, hidden = model.core.bank.groups[0](probe)
+        outputs_of_first.append((logits.clone(), hidden.clone()))
+    assert model.num_experts == 6 and model.group_sizes == [2, 2, 2]
+    assert [e["added"] for e in model.growth_log] == [2, 2]
+    assert torch.equal(outputs_of_first[0][0], outputs_of_first[2][0])
+    assert torch.equal(outputs_of_first[0][1], outputs_of_first[2][1])
+    stream_keys = [k for k in results if k.startswith("Routing_num_experts/eval_phase/test_stream")]
+    assert results[stream_keys[-1]] == 6.0
+    for name in ("Routing_H_s", "Routing_H_u", "Routing_MI", "Routing_MI_pred",
+                 "Routing_expert_usage", "Routing_expert_class_counts"):
+        assert any(k.startswith(name + "/eval_phase/test_stream") for k in results), name
+    usage = [v for k, v in results.items() if k == "Routing_expert_usage/eval_phase/test_stream"]
+    assert usage[0].shape == (6,)
+
+
+def test_growth_keeps_adam_state_of_existing_experts():
+    torch.manual_seed(1)
+    bundle, arch = _tiny(2)
+    model = MixtureOfExperts(architecture=arch, gate="softmax", num_experts=2,
+                             policy=ExpertPolicy("grow", per_experience=1))
+    snapshots = _OptimizerSnapshots()
+    strategy = _strategy(model, epochs=2, plugins=[snapshots])
+    old_params = [id(p) for p in model.parameters()]
+    for exp in bundle.benchmark.train_stream:
+        strategy.train(exp)
+    assert model.num_experts == 3
+    # The parameters that existed are the same objects, and their Adam moments survived growth.
+    assert set(old_params) <= {id(p) for p in model.parameters()}
+    before, after = snapshots.after_exp[0], snapshots.after_adaptation[1]
+    for name, state in before.items():
+        assert state, f"no optimizer state for {name}"
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[key], after[name][key]), (name, key)
+    new_group = model.core.bank.groups[1]
+    assert all(p in strategy.optimizer.state for p in new_group.parameters())
+
+
+def test_grow_on_demand_adds_for_new_classes_and_not_for_same_distribution():
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 1, 8, 8, generator=g) * 3
+
+    def sample(classes, n):
+        y = torch.tensor(classes).repeat_interleave(n)
+        return centres[y] + 0.3 * torch.randn(len(y), 1, 8, 8, generator=g), y
+
+    arch = mlp_architecture((1, 8, 8), 4, width=32, hidden=16)
+    # Same distribution twice: the pool fits the second experience.
+    same = stream_from_tensors([sample([0, 1], 64), sample([0, 1], 64)], [sample([0, 1], 16)])
+    model = MixtureOfExperts(architecture=arch, num_experts=2,
+                             policy=ExpertPolicy("grow_on_demand", threshold=1.0))
+    strategy = _strategy(model, epochs=8)
+    for exp in same.train_stream:
+        strategy.train(exp)
+    assert model.num_experts == 2
+    assert model.growth_log[0]["added"] == 0 and model.growth_log[0]["score"] < 1.0
+    # New classes: no expert knows them, the best expert's loss is high, experts are added.
+    new = stream_from_tensors([sample([0, 1], 64), sample([2, 3], 64)], [sample([0, 1], 16)])
+    model = MixtureOfExperts(architecture=arch, num_experts=2,
+                             policy=ExpertPolicy("grow_on_demand", per_experience=2,
+                                                 threshold=1.0))
+    strategy = _strategy(model, epochs=8)
+    for exp in new.train_stream:
+        strategy.train(exp)
+    assert model.num_experts == 4
+    entry = model.growth_log[0]
+    assert entry["added"] == 2 and entry["score"] > 1.0 and "threshold" in entry["reason"]
+
+
+def test_task_incremental_masks_each_task_and_reaches_high_accuracy():
+    torch.manual_seed(3)
+    bundle, arch = _tiny(3, scenario="task")
+    model = MixtureOfExperts(architecture=arch, num_experts=3, scenario="task")
+    strategy = _strategy(model, epochs=6)
+    for exp in bundle.benchmark.train_stream:
+        assert exp.task_label == exp.current_experience
+        strategy.train(exp)
+    results = strategy.eval(bundle.benchmark.test_stream)
+    stream_acc = [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")]
+    assert stream_acc[0] > 0.9
+    # Predictions stay inside each sample's task.
+    x = torch.randn(4, *bundle.input_shape)
+    pred = model(x, torch.tensor([0, 1, 2, 0])).argmax(-1)
+    for p, task in zip(pred.tolist(), [0, 1, 2, 0], strict=True):
+        assert p in bundle.classes_per_experience[task]
+
+
+def test_class_incremental_masks_unseen_classes():
+    bundle, arch = _tiny(3)
+    model = MixtureOfExperts(architecture=arch, num_experts=2)
+    strategy = _strategy(model, epochs=1)
+    strategy.train(bundle.benchmark.train_stream[0])
+    model.eval()
+    pred = model(torch.randn(32, *bundle.input_shape)).argmax(-1)
+    assert set(pred.tolist()) <= set(bundle.classes_per_experience[0])
+
+
+def test_regularisers_compose_with_avalanche_naive_and_replay():
+    torch.manual_seed(4)
+    bundle, arch = _tiny(2)
+    model = MixtureOfExperts(architecture=arch, num_experts=2, gate="softmax")
+    strategy = Naive(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
+        criterion=torch.nn.NLLLoss(), train_mb_size=32, train_epochs=2, eval_mb_size=128,
+        plugins=[ImportanceRegularizer(weight=0.5), SampleSimilarityRegularizer(beta_s=1e-3,
+                 beta_d=1e-2), ReplayPlugin(mem_size=64)],
+        evaluator=quiet_evaluator(),
+    )
+    for exp in bundle.benchmark.train_stream:
+        strategy.train(exp)
+    results = strategy.eval(bundle.benchmark.test_stream)
+    assert any(k.startswith("Routing_MI/") for k in results)
+
+
+def test_regulariser_adds_its_term_to_the_loss():
+    class Capture(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.losses = []
+
+        def after_backward(self, strategy, **kwargs):
+            self.losses.append(float(strategy.loss))
+
+    bundle, arch = _tiny(2)
+    losses = []
+    for weight in (0.0, 100.0):
+        torch.manual_seed(5)
+        model = MixtureOfExperts(architecture=arch, num_experts=3, gate="softmax")
+        capture = Capture()
+        strategy = _strategy(model, epochs=1, plugins=[ImportanceRegularizer(weight=weight),
+                                                        capture])
+        strategy.train(bundle.benchmark.train_stream[0])
+        losses.append(capture.losses[0])
+    assert losses[1] > losses[0]
+
+
+def test_plugins_need_a_mixture():
+    bundle, arch = _tiny(2)
+    model = SingleExpertModel(architecture=arch)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     criterion=torch.nn.NLLLoss(), train_mb_size=32,
+                     plugins=[ImportanceRegularizer(weight=1.0)], evaluator=quiet_evaluator(False))
+    with pytest.raises(TypeError, match="MixtureOfExperts"):
+        strategy.train(bundle.benchmark.train_stream[0])
+
+
+def test_nan_loss_stops_with_experience_and_iteration():
+    bundle, arch = _tiny(2)
+    model = MixtureOfExperts(architecture=arch, num_experts=2)
+    with torch.no_grad():
+        model.core.bank.groups[0].layers[1].weight.fill_(float("nan"))
+    strategy = _strategy(model, epochs=1, plugins=[NonFiniteLossGuard()])
+    with pytest.raises(NonFiniteLossError, match="experience 0, epoch 0, iteration 0"):
+        strategy.train(bundle.benchmark.train_stream[0])
+
+
+def test_stochastic_output_and_top_k_evaluation():
+    torch.manual_seed(6)
+    bundle, arch = _tiny(2)
+    model = MixtureOfExperts(architecture=arch, num_experts=3, gate="softmax",
+                             output="stochastic")
+    strategy = _strategy(model, epochs=6, eval_top_k=1)
+    strategy.train(bundle.benchmark.train_stream[0])
+    results = strategy.eval(bundle.benchmark.test_stream[:1])
+    acc = [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0]
+    assert acc > 0.8
+    assert model.last_output.expert_log_probs is None  # the top-k path ran
+
+
+def test_single_expert_model_runs_under_avalanche_baselines():
+    bundle, arch = _tiny(2)
+    model = SingleExpertModel(architecture=arch)
+    strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
+                     criterion=torch.nn.NLLLoss(), train_mb_size=32, train_epochs=3,
+                     evaluator=quiet_evaluator(False))
+    strategy.train(bundle.benchmark.train_stream[0])
+    results = strategy.eval(bundle.benchmark.test_stream[:1])
+    assert [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0] > 0.8
+
+
+def test_moe_strategy_refuses_other_models():
+    bundle, arch = _tiny(2)
+    model = SingleExpertModel(architecture=arch)
+    with pytest.raises(TypeError, match="MixtureOfExperts"):
+        MoEStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
