@@ -34,7 +34,11 @@ def dataset_tensors(dataset: Dataset, chunk: int = 4096) -> Batch:
         if all(isinstance(leaf, TensorDataset) for leaf, _, _ in leaves):
             return _gather_tensors(dataset, leaves, n)
     xs, ys, ts = [], [], []
-    for batch in DataLoader(dataset, batch_size=chunk, shuffle=False, num_workers=0):
+    # A private generator: a DataLoader draws its base seed even without shuffling, and the
+    # global RNG must advance the same whether or not these tensors were cached.
+    loader = DataLoader(dataset, batch_size=chunk, shuffle=False, num_workers=0,
+                        generator=torch.Generator())
+    for batch in loader:
         if len(batch) < 3:
             raise ValueError("the fast data path needs samples of the form (x, y, task_label)")
         xs.append(batch[0])
@@ -65,9 +69,17 @@ def _has_transforms(node: Any) -> bool:
     flat = getattr(node, "_flat_data", node)
     for attr in ("_transform_groups", "_frozen_transform_groups"):
         groups = getattr(flat, attr, None)
-        if groups is not None and groups.transform_groups.get(groups.current_group) is not None:
+        if groups is not None and _is_transform(groups.transform_groups.get(groups.current_group)):
             return True
     return any(_has_transforms(child) for child in getattr(flat, "_datasets", []) or [])
+
+
+def _is_transform(transform: Any) -> bool:
+    """None and Avalanche's TupleTransform of Nones do nothing."""
+    if transform is None:
+        return False
+    parts = getattr(transform, "transforms", None)
+    return parts is None or any(p is not None for p in parts)
 
 
 def _leaf_rows(

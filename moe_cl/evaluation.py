@@ -126,3 +126,40 @@ class MetricsCSVLogger(BaseLogger):
 
     def close(self) -> None:
         self._file.close()
+
+
+class TaskAwareAccuracy(PluginMetric[float]):
+    """Accuracy when the task is known: the prediction is restricted to the classes of the test
+    experience being evaluated. Beside class-incremental accuracy it gives the task-incremental
+    view of the same model, from the same forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._correct = 0
+        self._total = 0
+        self._classes: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self._correct = 0
+        self._total = 0
+
+    def result(self) -> float:
+        return self._correct / self._total if self._total else 0.0
+
+    def before_eval_exp(self, strategy, **kwargs) -> None:
+        self.reset()
+        classes = sorted(strategy.experience.classes_in_this_experience)
+        self._classes = torch.tensor(classes, dtype=torch.long)
+
+    def after_eval_iteration(self, strategy, **kwargs) -> None:
+        classes = self._classes.to(strategy.mb_output.device)
+        picked = classes[strategy.mb_output.index_select(1, classes).argmax(-1)]
+        self._correct += int((picked == strategy.mb_y).sum())
+        self._total += len(strategy.mb_y)
+
+    def after_eval_exp(self, strategy, **kwargs):
+        name = get_metric_name("TaskAwareAcc_Exp", strategy, add_experience=True, add_task=False)
+        return [MetricValue(self, name, self.result(), strategy.clock.train_iterations)]
+
+    def __str__(self) -> str:
+        return "TaskAwareAcc"

@@ -57,6 +57,19 @@ class ExpertPolicy:
             raise ValueError(f"probe_samples must be >= 1, got {self.probe_samples}")
 
 
+class _RoutingSlot:
+    """Holds the last forward pass's routing. Copies of the model (LwF's teacher, a distilled
+    student) start empty: the slot holds graph tensors, which cannot be deep-copied."""
+
+    __slots__ = ("output",)
+
+    def __init__(self) -> None:
+        self.output: MoEOutput | None = None
+
+    def __deepcopy__(self, memo: dict) -> _RoutingSlot:
+        return _RoutingSlot()
+
+
 class ClassMasking(MultiTaskModule):
     """Keeps track of known classes per task and builds the output mask of a batch."""
 
@@ -118,7 +131,16 @@ class MixtureOfExperts(ClassMasking):
         self.policy = policy or ExpertPolicy()
         self.growth_log: list[dict] = []
         self._trained_experiences: list[int] = []
-        self.last_output: MoEOutput | None = None
+        self._routing = _RoutingSlot()
+
+    @property
+    def last_output(self) -> MoEOutput | None:
+        """Routing of the last forward pass (output, gate, experts' predictions and hidden)."""
+        return self._routing.output
+
+    @last_output.setter
+    def last_output(self, output: MoEOutput | None) -> None:
+        self._routing.output = output
 
     @property
     def num_experts(self) -> int:

@@ -1,0 +1,202 @@
+"""Checkpoints made of tensors and plain containers only, loaded with ``weights_only=True``.
+
+Avalanche 0.6's own checkpointing pickles the whole strategy with dill and fails with torch 2.14;
+it would also execute whatever a checkpoint file contains. Here a checkpoint holds state_dicts,
+the growth of the mixture, the state of the plugins that carry state across experiences
+(replay buffer, EWC, LwF), the RNG states and the run's progress. A file that is not such a
+checkpoint (corrupt, truncated, or holding pickled objects) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
+from avalanche.training.storage_policy import ReservoirSamplingBuffer
+from avalanche.training.utils import ParamData
+
+from moe_cl.data import dataset_tensors
+from moe_cl.models import MixtureOfExperts
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or does not fit the run."""
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": _python_state_to_plain(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
+# ----------------------------------------------------------------------------- plugins
+
+
+def plugin_states(plugins: list) -> dict:
+    """State of the plugins that carry knowledge across experiences."""
+    states: dict[str, Any] = {}
+    for plugin in plugins:
+        if isinstance(plugin, ReplayPlugin):
+            policy = plugin.storage_policy
+            groups = {}
+            for key, group in policy.buffer_groups.items():
+                x, y, t = _buffer_tensors(group.buffer)
+                groups[int(key)] = {"x": x, "y": y, "t": t, "weights": group._buffer_weights,
+                                    "max_size": group.max_size}
+            states["replay"] = {"num_exps": getattr(policy, "_num_exps", 0), "groups": groups}
+        elif isinstance(plugin, EWCPlugin):
+            states["ewc"] = {
+                "saved_params": _param_dicts(plugin.saved_params),
+                "importances": _param_dicts(plugin.importances),
+            }
+        elif isinstance(plugin, LwFPlugin):
+            lwf = plugin.lwf
+            states["lwf"] = {
+                "expcount": lwf.expcount,
+                "prev_model": None if lwf.prev_model is None else lwf.prev_model.state_dict(),
+                "prev_classes": {int(t): sorted(int(c) for c in cs)
+                                 for t, cs in lwf.prev_classes_by_task.items()},
+            }
+    return states
+
+
+def load_plugin_states(plugins: list, states: dict, model: torch.nn.Module) -> None:
+    for plugin in plugins:
+        if isinstance(plugin, ReplayPlugin) and "replay" in states:
+            policy = plugin.storage_policy
+            policy._num_exps = states["replay"]["num_exps"]
+            policy.buffer_groups = {}
+            for key, group in sorted(states["replay"]["groups"].items()):
+                buffer = ReservoirSamplingBuffer(group["max_size"])
+                buffer.buffer = _make_taskaware_tensor_classification_dataset(
+                    group["x"], group["y"], targets=group["y"], task_labels=group["t"]
+                )
+                buffer._buffer_weights = group["weights"]
+                policy.buffer_groups[key] = buffer
+        elif isinstance(plugin, EWCPlugin) and "ewc" in states:
+            plugin.saved_params = _param_data(states["ewc"]["saved_params"])
+            plugin.importances = _param_data(states["ewc"]["importances"])
+        elif isinstance(plugin, LwFPlugin) and "lwf" in states:
+            lwf = plugin.lwf
+            lwf.expcount = states["lwf"]["expcount"]
+            if states["lwf"]["prev_model"] is not None:
+                lwf.prev_model = copy.deepcopy(model)
+                lwf.prev_model.load_state_dict(states["lwf"]["prev_model"])
+            lwf.prev_classes_by_task = defaultdict(
+                set, {t: set(cs) for t, cs in states["lwf"]["prev_classes"].items()}
+            )
+
+
+def _buffer_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if len(dataset) == 0:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return tuple(t.cpu() for t in dataset_tensors(dataset))
+
+
+def _param_dicts(data: dict) -> dict:
+    return {int(t): {name: p.data.cpu() for name, p in params.items()}
+            for t, params in data.items()}
+
+
+def _param_data(data: dict) -> defaultdict:
+    out: defaultdict = defaultdict(dict)
+    for t, params in data.items():
+        out[t] = {name: ParamData(name, init_tensor=tensor) for name, tensor in params.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write through a temporary file and rename: a kill leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save({"format": FORMAT, **state}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint safely; never runs code stored in the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same clear error
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unsafe and was not loaded ({first[:200]})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a moe-cl checkpoint (format {FORMAT})")
+    return state
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    extra = model.extra_state() if isinstance(model, MixtureOfExperts) else {}
+    return {"state_dict": model.state_dict(), "extra": extra}
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    if isinstance(model, MixtureOfExperts):
+        model.load_extra_state(state["extra"])
+    elif "seen" in state["state_dict"] and hasattr(model, "seen"):
+        model.seen = torch.zeros_like(state["state_dict"]["seen"])
+    model.load_state_dict(state["state_dict"])
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """The optimizer's state with its parameters named (their order in the param groups)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    return {"state_dict": optimizer.state_dict(), "param_names": groups}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                      state: dict) -> dict:
+    """Point the optimizer at the model's parameters in the saved order and load its state.
+    Returns the name -> parameter map that Avalanche's ``update_optimizer`` keeps."""
+    params = dict(model.named_parameters())
+    try:
+        for group, names in zip(optimizer.param_groups, state["param_names"], strict=True):
+            group["params"] = [params[n] for n in names]
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"optimizer state does not fit the model ({err})") from None
+    optimizer.state = defaultdict(dict)
+    optimizer.load_state_dict(state["state_dict"])
+    return params

@@ -1,0 +1,328 @@
+"""The run configuration: a typed schema, preset catalogues and command-line composition.
+
+Composition, later wins: schema defaults <- ``benchmarks/NAME.yaml`` <- ``strategies/NAME.yaml``
+<- ``key=value`` overrides. OmegaConf checks keys and types against the schema; the choices
+and ranges it cannot express are checked in :func:`validate`. Every problem becomes a
+:class:`ConfigError` with one line naming what is wrong and what is valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import moe_cl
+from moe_cl.benchmarks import BENCHMARK_NAMES
+
+DEFAULT_BENCHMARK = "split_fmnist"
+DEFAULT_STRATEGY = "attentive_ls"
+# A strategy preset may hold settings for particular benchmarks (e.g. the paper's betas).
+BY_BENCHMARK = "by_benchmark"
+
+
+class ConfigError(ValueError):
+    """A usage error in presets or overrides (the CLI exits with code 2)."""
+
+
+@dataclass
+class DataConfig:
+    # which stream moe_cl.benchmarks builds: split_mnist | split_fmnist | split_cifar100 |
+    # paper_mnist | paper_fmnist | paper_cifar100 | tiny
+    stream: str = "split_fmnist"
+    root: str = "data"
+    download: bool = False
+    n_experiences: int = 5
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    lr: float = 1e-3
+    # "auto": the paper's rule, 1e-3 for softmax-gate and single models on CIFAR-100, else 0.
+    weight_decay: Any = "auto"
+    fast_data: bool = True
+    checkpoint_every_epochs: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # "auto" picks the paper architecture of the benchmark's data set (mlp for tiny).
+    architecture: str = "auto"
+    num_experts: int = 5
+    gate: str = "attentive"
+    output: str = "expectation"
+    mlp_width: int = 64
+    mlp_hidden: int = 32
+
+
+@dataclass
+class ExpertsConfig:
+    policy: str = "fixed"
+    per_experience: int = 1
+    freeze_old: bool = False
+    threshold: float = 1.0
+    probe_samples: int = 256
+
+
+@dataclass
+class SampleSimilarityConfig:
+    beta_s: float = 0.0
+    beta_d: float = 0.0
+    scaling: str = "clean"
+    normalize_max: bool = False
+
+
+@dataclass
+class RegularizerConfig:
+    importance: float = 0.0
+    ls: SampleSimilarityConfig = field(default_factory=SampleSimilarityConfig)
+
+
+@dataclass
+class BaselineConfig:
+    ewc_lambda: float = 1.0
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+
+
+@dataclass
+class ReplayConfig:
+    mem_size: int = 0
+
+
+@dataclass
+class DistillConfig:
+    epochs: int = 0
+
+
+@dataclass
+class EvalConfig:
+    top_k: int | None = None
+
+
+@dataclass
+class LoggingConfig:
+    interactive: bool = True
+    tensorboard: bool = True
+    csv: bool = True
+    figures: bool = True
+
+
+@dataclass
+class RunConfig:
+    benchmark: str = DEFAULT_BENCHMARK
+    strategy: str = DEFAULT_STRATEGY
+    # moe: MoEStrategy; the others are Avalanche's strategies on the single-expert backbone.
+    method: str = "moe"
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str | None = None
+    resume: Any = False
+    scenario: str = "class"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.stream": BENCHMARK_NAMES,
+    "method": ("moe", "naive", "ewc", "lwf", "replay", "joint"),
+    "device": ("auto", "cpu", "cuda"),
+    "scenario": ("class", "task"),
+    "model.architecture": ("auto", "mnist", "fmnist", "cifar100", "cifar100_h256", "mlp"),
+    "model.gate": ("softmax", "attentive"),
+    "model.output": ("expectation", "stochastic"),
+    "experts.policy": ("fixed", "grow", "grow_on_demand"),
+    "regularizer.ls.scaling": ("clean", "reference"),
+}
+POSITIVE = ("train.batch_size", "train.eval_batch_size", "model.num_experts",
+            "experts.per_experience", "experts.probe_samples", "data.n_experiences",
+            "model.mlp_width", "model.mlp_hidden")
+NON_NEGATIVE = ("train.epochs", "train.lr", "regularizer.importance", "regularizer.ls.beta_s",
+                "regularizer.ls.beta_d", "replay.mem_size", "distill.epochs",
+                "train.checkpoint_every_epochs", "baseline.ewc_lambda", "baseline.lwf_alpha")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_dirs() -> dict[str, Path]:
+    """Where the preset catalogues are: the checkout's top-level folders, or the copies that
+    the wheel ships inside the package."""
+    package = Path(moe_cl.__file__).resolve().parent
+    for base in (package.parent, package / "_presets"):
+        if (base / "strategies").is_dir() and (base / "benchmarks").is_dir():
+            return {"strategy": base / "strategies", "benchmark": base / "benchmarks"}
+    raise ConfigError(f"preset folders not found next to {package}")
+
+
+def preset_names(kind: str) -> list[str]:
+    return sorted(p.stem for p in preset_dirs()[kind].glob("*.yaml"))
+
+
+def preset_description(kind: str, name: str) -> str:
+    """The first comment line of a preset file."""
+    for line in (preset_dirs()[kind] / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def load_preset(kind: str, name: str) -> dict:
+    names = preset_names(kind)
+    if name not in names:
+        raise ConfigError(f"unknown {kind} preset {name!r}; choose one of: {', '.join(names)}")
+    path = preset_dirs()[kind] / f"{name}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(
+            f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+def split_arguments(argv: list[str]) -> tuple[str, str, list[str]]:
+    """Take ``benchmark=`` and ``strategy=`` (preset choices) out of the overrides."""
+    benchmark, strategy, rest = DEFAULT_BENCHMARK, DEFAULT_STRATEGY, []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"expected key=value, got {arg!r} (see --help)")
+        key, value = arg.split("=", 1)
+        if key == "benchmark":
+            benchmark = value
+        elif key == "strategy":
+            strategy = value
+        else:
+            rest.append(arg)
+    return benchmark, strategy, rest
+
+
+def compose(argv: list[str]) -> DictConfig:
+    """The resolved, validated configuration of ``benchmark=.. strategy=.. key=value ...``."""
+    benchmark, strategy, overrides = split_arguments(argv)
+    schema = OmegaConf.structured(RunConfig)
+    strategy_preset = load_preset("strategy", strategy)
+    per_benchmark = strategy_preset.pop(BY_BENCHMARK, None) or {}
+    if not isinstance(per_benchmark, dict):
+        raise ConfigError(f"strategy preset {strategy}: {BY_BENCHMARK} must map benchmark names")
+    layers = [
+        ("benchmark preset " + benchmark, load_preset("benchmark", benchmark)),
+        ("strategy preset " + strategy, strategy_preset),
+        (f"strategy preset {strategy} ({BY_BENCHMARK}.{benchmark})",
+         per_benchmark.get(benchmark) or {}),
+    ]
+    try:
+        override_conf = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {overrides}: {_one_line(err)}") from None
+    cfg = schema
+    for origin, layer in [*layers, ("command line", override_conf)]:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{origin}: {_describe_merge_error(err)}") from None
+    cfg.benchmark = benchmark
+    cfg.strategy = strategy
+    validate(cfg)
+    return cfg
+
+
+def _one_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+def _describe_merge_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    text = _one_line(err)
+    if "not in struct" in text or "Key '" in text and "not" in text:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = _valid_keys(parent)
+        return f"unknown key {key!r}; valid keys here: {', '.join(valid)}"
+    if key:
+        return f"bad value for {key!r}: {text}"
+    return text
+
+
+def _valid_keys(parent: str) -> list[str]:
+    node: Any = OmegaConf.structured(RunConfig)
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    wd = cfg.train.weight_decay
+    if wd != "auto" and (isinstance(wd, bool) or not isinstance(wd, int | float) or wd < 0):
+        raise ConfigError(f"train.weight_decay must be 'auto' or a number >= 0, got {wd!r}")
+    if cfg.eval.top_k is not None and not 1 <= cfg.eval.top_k <= 10_000:
+        raise ConfigError(f"eval.top_k must be a positive integer, got {cfg.eval.top_k}")
+    if not isinstance(cfg.resume, bool | str):
+        raise ConfigError(f"resume must be true/false or a run folder, got {cfg.resume!r}")
+    if cfg.method != "moe":
+        moe_only = {
+            "regularizer.importance": cfg.regularizer.importance,
+            "regularizer.ls.beta_s": cfg.regularizer.ls.beta_s,
+            "regularizer.ls.beta_d": cfg.regularizer.ls.beta_d,
+            "distill.epochs": cfg.distill.epochs,
+        }
+        used = [k for k, v in moe_only.items() if v]
+        if used:
+            raise ConfigError(f"{', '.join(used)} only apply to method=moe (got {cfg.method})")
+    if cfg.distill.epochs and cfg.model.gate != "attentive":
+        raise ConfigError("distill.epochs needs model.gate=attentive (it distils that gate)")
+
+
+def merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with ``key=value`` overrides applied and validated."""
+    try:
+        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command line: {_describe_merge_error(err)}") from None
+    validate(merged)
+    return merged
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load_saved(path: Path) -> DictConfig:
+    """A run folder's config.yaml, checked against the schema."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    except (OSError, OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {path}: {_one_line(err)}") from None

@@ -1,0 +1,378 @@
+"""From a resolved configuration to a finished run: the builders and the experience loop.
+
+The CLI, the reproduction command and the benchmarks all build through these functions, so a
+configuration means the same thing everywhere. Data flow is one way: config -> benchmark,
+model, strategy with plugins, evaluator -> Avalanche's train/eval loop after every experience
+-> metrics -> results.json, logs, figures and a checkpoint per experience.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
+from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
+from avalanche.training import EWC, JointTraining, LwF, Naive, Replay
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from omegaconf import DictConfig, OmegaConf
+
+from moe_cl.benchmarks import BenchmarkBundle, make_benchmark
+from moe_cl.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    load_plugin_states,
+    model_state,
+    optimizer_state,
+    plugin_states,
+    restore_optimizer,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from moe_cl.config import to_yaml
+from moe_cl.core.bank import count_parameters
+from moe_cl.core.zoo import Architecture, get_architecture, mlp_architecture
+from moe_cl.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
+from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
+from moe_cl.plugins import ImportanceRegularizer, NonFiniteLossGuard, SampleSimilarityRegularizer
+from moe_cl.results import (
+    atomic_write_text,
+    average_accuracy,
+    average_forgetting,
+    summary_table,
+    write_figures,
+    write_json,
+)
+from moe_cl.strategies import MoEStrategy
+
+CHECKPOINT = "checkpoint.pt"
+ACCURACY = "Top1_Acc_Exp/eval_phase/test_stream"
+TASK_AWARE_ACCURACY = "TaskAwareAcc_Exp/eval_phase/test_stream"
+DATASET_ARCHITECTURE = {"mnist": "mnist", "fmnist": "fmnist", "cifar100": "cifar100"}
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available (use device=auto or cpu)")
+    return torch.device(name)
+
+
+def build_benchmark(cfg: DictConfig) -> BenchmarkBundle:
+    extra = {k: cfg.data[k] for k in ("max_train_samples", "max_test_samples")
+             if cfg.data[k] is not None}
+    return make_benchmark(cfg.data.stream, n_experiences=cfg.data.n_experiences,
+                          scenario=cfg.scenario, seed=cfg.seed, data_root=cfg.data.root,
+                          download=cfg.data.download, **extra)
+
+
+def build_architecture(cfg: DictConfig, bundle: BenchmarkBundle) -> Architecture:
+    name = cfg.model.architecture
+    if name == "auto":
+        dataset = bundle.name.split("_", 1)[-1]
+        name = DATASET_ARCHITECTURE.get(dataset, "mlp")
+    if name == "mlp":
+        return mlp_architecture(bundle.input_shape, bundle.n_classes, width=cfg.model.mlp_width,
+                                hidden=cfg.model.mlp_hidden, num_experts=cfg.model.num_experts)
+    arch = get_architecture(name)
+    if tuple(arch.input_shape) != tuple(bundle.input_shape) or arch.num_classes < bundle.n_classes:
+        raise ValueError(
+            f"model.architecture={name} expects inputs {arch.input_shape} and "
+            f"{arch.num_classes} classes; benchmark {bundle.name} has {bundle.input_shape} and "
+            f"{bundle.n_classes}"
+        )
+    return arch
+
+
+def build_model(cfg: DictConfig, bundle: BenchmarkBundle) -> torch.nn.Module:
+    arch = build_architecture(cfg, bundle)
+    if cfg.method != "moe":
+        return SingleExpertModel(architecture=arch, scenario=cfg.scenario)
+    policy = ExpertPolicy(
+        kind=cfg.experts.policy,
+        per_experience=cfg.experts.per_experience,
+        freeze_old=cfg.experts.freeze_old,
+        threshold=cfg.experts.threshold,
+        probe_samples=cfg.experts.probe_samples,
+    )
+    return MixtureOfExperts(architecture=arch, gate=cfg.model.gate,
+                            num_experts=cfg.model.num_experts, output=cfg.model.output,
+                            policy=policy, scenario=cfg.scenario)
+
+
+def weight_decay(cfg: DictConfig, model: torch.nn.Module) -> float:
+    """The paper: 1e-3 for softmax-gate and single models on CIFAR-100, none otherwise."""
+    if cfg.train.weight_decay != "auto":
+        return float(cfg.train.weight_decay)
+    arch = model.architecture.name
+    softmax_or_single = cfg.method != "moe" or cfg.model.gate == "softmax"
+    return 1e-3 if arch.startswith("cifar100") and softmax_or_single else 0.0
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
+                            weight_decay=weight_decay(cfg, model))
+
+
+def build_plugins(cfg: DictConfig) -> list:
+    plugins: list = [NonFiniteLossGuard()]
+    if cfg.method == "moe":
+        if cfg.regularizer.importance > 0:
+            plugins.append(ImportanceRegularizer(weight=cfg.regularizer.importance))
+        ls = cfg.regularizer.ls
+        if ls.beta_s > 0 or ls.beta_d > 0:
+            plugins.append(SampleSimilarityRegularizer(
+                beta_s=ls.beta_s, beta_d=ls.beta_d, scaling=ls.scaling,
+                normalize_max=ls.normalize_max))
+        if cfg.replay.mem_size > 0:
+            plugins.append(ReplayPlugin(mem_size=cfg.replay.mem_size))
+    return plugins
+
+
+def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool) -> EvaluationPlugin:
+    metrics = [
+        accuracy_metrics(epoch=True, experience=True, stream=True),
+        loss_metrics(epoch=True, experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        TaskAwareAccuracy(),
+    ]
+    if routing:
+        metrics.append(RoutingMetrics(heatmaps=cfg.logging.tensorboard and log_dir is not None))
+    loggers: list = []
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        loggers.append(TextLogger(open(log_dir / "log.txt", "a")))  # noqa: SIM115
+        if cfg.logging.csv:
+            loggers += [CSVLogger(str(log_dir / "csv")), MetricsCSVLogger(log_dir / "metrics.csv")]
+        if cfg.logging.tensorboard:
+            loggers.append(TensorboardLogger(str(log_dir / "tensorboard")))
+    if cfg.logging.interactive:
+        loggers.append(InteractiveLogger())
+    if not loggers:
+        loggers.append(TextLogger(open("/dev/null", "w")))  # noqa: SIM115
+    return EvaluationPlugin(*metrics, loggers=loggers)
+
+
+def build_strategy(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   plugins: list, evaluator: EvaluationPlugin, bundle: BenchmarkBundle,
+                   device: torch.device):
+    common = dict(model=model, optimizer=optimizer, train_mb_size=cfg.train.batch_size,
+                  train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size,
+                  device=device, plugins=plugins, evaluator=evaluator)
+    if cfg.method == "moe":
+        return MoEStrategy(**common, batch_augment=bundle.batch_augment,
+                           fast_data=cfg.train.fast_data, eval_top_k=cfg.eval.top_k)
+    criterion = torch.nn.NLLLoss()
+    if cfg.method == "naive":
+        return Naive(**common, criterion=criterion)
+    if cfg.method == "joint":
+        return JointTraining(**common, criterion=criterion)
+    if cfg.method == "ewc":
+        return EWC(**common, criterion=criterion, ewc_lambda=cfg.baseline.ewc_lambda)
+    if cfg.method == "lwf":
+        return LwF(**common, criterion=criterion, alpha=cfg.baseline.lwf_alpha,
+                   temperature=cfg.baseline.lwf_temperature)
+    if cfg.method == "replay":
+        return Replay(**common, criterion=criterion, mem_size=max(cfg.replay.mem_size, 1))
+    raise ValueError(f"unknown method {cfg.method!r}")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Progress:
+    """Everything measured so far; saved in each checkpoint."""
+
+    completed: int = 0
+    accuracy_matrix: list = field(default_factory=list)
+    task_aware_matrix: list = field(default_factory=list)
+    routing_history: list = field(default_factory=list)
+    train_errors: list = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+def _versions() -> dict:
+    out = {}
+    for package in ("torch", "torchvision", "avalanche-lib", "moe-cl"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _row(results: dict, prefix: str, n: int) -> list[float]:
+    """Per-test-experience values of a metric, matched by prefix (task suffixes vary)."""
+    row = []
+    for j in range(n):
+        suffix = f"Exp{j:03d}"
+        values = [v for k, v in results.items() if k.startswith(prefix) and k.endswith(suffix)]
+        row.append(float(values[-1]) if values else float("nan"))
+    return row
+
+
+def _train_error(results: dict) -> float | None:
+    values = [v for k, v in results.items() if k.startswith("Top1_Acc_Epoch/train_phase")]
+    return 1.0 - float(values[-1]) if values else None
+
+
+def distill(cfg: DictConfig, teacher: MixtureOfExperts, experience, bundle: BenchmarkBundle,
+            evaluator: EvaluationPlugin, device: torch.device) -> MoEStrategy:
+    """Train a softmax gate routing without the experts' hidden vectors (experts frozen, gate
+    network initialised from the teacher's) on the experience; returns its strategy."""
+    student = copy.deepcopy(teacher)
+    student.distill_gate()
+    student._trained_experiences = list(range(experience.current_experience + 1))
+    student.policy = ExpertPolicy("fixed")
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.train.lr)
+    strategy = MoEStrategy(model=student, optimizer=optimizer,
+                           train_mb_size=cfg.train.batch_size, train_epochs=cfg.distill.epochs,
+                           eval_mb_size=cfg.train.eval_batch_size, device=device,
+                           plugins=[NonFiniteLossGuard()], evaluator=evaluator,
+                           batch_augment=bundle.batch_augment, fast_data=cfg.train.fast_data,
+                           eval_top_k=cfg.eval.top_k)
+    strategy.train(experience, eval_streams=[])
+    return strategy
+
+
+def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
+                   bundle: BenchmarkBundle | None = None, echo=print) -> dict:
+    """Run (or continue) the configured experiment in ``out``; returns results.json's dict."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    bundle = bundle or build_benchmark(cfg)
+    model = build_model(cfg, bundle)
+    optimizer = build_optimizer(cfg, model)
+    plugins = build_plugins(cfg)
+    progress = Progress()
+    checkpoint_path = out / CHECKPOINT
+    log_dir = out / "logs"
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        progress = Progress(**state["progress"])
+        log_dir = out / "logs" / f"resumed-after-exp{progress.completed:02d}"
+    is_moe = isinstance(model, MixtureOfExperts)
+    evaluator = build_evaluator(cfg, log_dir, routing=is_moe)
+    strategy = build_strategy(cfg, model, optimizer, plugins, evaluator, bundle, device)
+    if not (out / "config.yaml").exists():
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+
+    # Materialise the streams first: Avalanche reseeds the global RNG when it builds them.
+    train_stream = list(bundle.benchmark.train_stream)
+    test_stream = list(bundle.benchmark.test_stream)
+    n_train, n_test = len(train_stream), len(test_stream)
+    stages = [train_stream] if cfg.method == "joint" else [[e] for e in train_stream]
+    if progress.completed:
+        load_model_state(model, state["model"])
+        model.to(device)
+        strategy.optimized_param_id = restore_optimizer(optimizer, model, state["optimizer"])
+        load_plugin_states(strategy.plugins, state["plugins"], model)
+        set_rng_state(state["rng"])  # last: nothing may draw random numbers after this
+        echo(f"resuming after experience {progress.completed - 1} from {checkpoint_path}")
+    for index in range(progress.completed, len(stages)):
+        started = time.perf_counter()
+        stage = stages[index]
+        strategy.train(stage if cfg.method == "joint" else stage[0], eval_streams=[])
+        train_results = strategy.evaluator.get_last_metrics()
+        evaluating = strategy
+        if is_moe and cfg.distill.epochs:
+            evaluating = distill(cfg, model, stage[0], bundle, evaluator, device)
+        results = evaluating.eval(test_stream)
+        progress.accuracy_matrix.append(_row(results, ACCURACY, n_test))
+        progress.task_aware_matrix.append(_row(results, TASK_AWARE_ACCURACY, n_test))
+        routing = {}
+        for metric in evaluating.evaluator.metrics:
+            if isinstance(metric, RoutingMetrics):
+                routing = metric.last_stream_result
+        progress.routing_history.append(routing)
+        progress.train_errors.append(_train_error(train_results))
+        progress.completed = index + 1
+        progress.wall_time_s += time.perf_counter() - started
+        save_checkpoint(checkpoint_path, {
+            "model": model_state(model),
+            "optimizer": optimizer_state(optimizer, model),
+            "plugins": plugin_states(strategy.plugins),
+            "rng": rng_state(),
+            "progress": progress.__dict__,
+        })
+        echo(f"experience {index + 1}/{len(stages)}: accuracy on the test stream "
+             f"{average_accuracy(progress.accuracy_matrix):.4f}")
+        final_model = evaluating.model
+        results_dict = _results(cfg, bundle, progress, final_model, device,
+                                complete=index + 1 == len(stages), n_train=n_train)
+        write_json(out / "results.json", results_dict)
+    if cfg.logging.figures:
+        results_dict["figures"] = write_figures(out, progress.routing_history,
+                                                progress.accuracy_matrix,
+                                                getattr(bundle, "class_names", None))
+        write_json(out / "results.json", results_dict)
+    return results_dict
+
+
+def _results(cfg: DictConfig, bundle: BenchmarkBundle, progress: Progress,
+             model: torch.nn.Module, device: torch.device, *, complete: bool,
+             n_train: int) -> dict:
+    routing = progress.routing_history[-1] if progress.routing_history else {}
+    is_moe = isinstance(model, MixtureOfExperts)
+    growth = model.growth_log if is_moe else []
+    task_aware = progress.task_aware_matrix if cfg.scenario == "class" else None
+    matrix = progress.accuracy_matrix
+    return {
+        "status": "complete" if complete else "running",
+        "benchmark": cfg.benchmark,
+        "strategy": cfg.strategy,
+        "method": cfg.method,
+        "scenario": cfg.scenario,
+        "seed": cfg.seed,
+        "device": str(device),
+        "experiences_completed": progress.completed,
+        "n_experiences": n_train,
+        "accuracy_matrix": matrix,
+        "average_accuracy": average_accuracy(matrix),
+        "forgetting": average_forgetting(matrix),
+        "task_aware_accuracy_matrix": task_aware,
+        "task_aware_average_accuracy": average_accuracy(task_aware) if task_aware else None,
+        "train_error": progress.train_errors[-1] if progress.train_errors else None,
+        "test_error": routing.get("error", 1.0 - average_accuracy(matrix)) if matrix else None,
+        "top5_error": routing.get("top5_error"),
+        "H_s": routing.get("H_s"),
+        "H_u": routing.get("H_u"),
+        "MI": routing.get("MI"),
+        "MI_pred": routing.get("MI_pred"),
+        "expert_usage": routing.get("expert_usage"),
+        "expert_class_counts": routing.get("expert_class_counts"),
+        "routing_history": [
+            {k: r.get(k) for k in ("H_s", "H_u", "MI", "MI_pred", "num_experts", "expert_usage")}
+            for r in progress.routing_history
+        ],
+        "num_experts": model.num_experts if is_moe else 1,
+        "experts_added": sum(e["added"] for e in growth),
+        "growth_log": growth,
+        "num_parameters": count_parameters(model),
+        "wall_time_s": progress.wall_time_s,
+        "versions": _versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "summary": None,
+    }
+
+
+def print_summary(results: dict, echo=print) -> None:
+    echo(summary_table(results))

@@ -1,0 +1,183 @@
+"""``python -m moe_cl.run benchmark=NAME strategy=NAME [key=value ...]``: one experiment.
+
+Exit codes: 0 done; 2 usage error (unknown preset or key, wrong type or value, missing or
+corrupt data, unusable checkpoint); 3 training stopped on a NaN or infinite loss.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from moe_cl.benchmarks import DataError
+from moe_cl.checkpoint import CheckpointError
+from moe_cl.config import (
+    DEFAULT_BENCHMARK,
+    DEFAULT_STRATEGY,
+    ConfigError,
+    compose,
+    load_saved,
+    merge_overrides,
+    preset_description,
+    preset_names,
+    to_yaml,
+)
+from moe_cl.plugins import NonFiniteLossError
+from moe_cl.results import write_json
+
+USAGE_ERROR = 2
+NON_FINITE_LOSS = 3
+
+MAIN_KEYS = """\
+  seed=0                      device=auto|cpu|cuda         out_dir=PATH
+  resume=true|RUN_FOLDER      scenario=class|task
+  data.root=data              data.download=false          data.n_experiences=5
+  train.epochs  train.batch_size  train.lr  train.weight_decay=auto  train.fast_data=true
+  model.num_experts           model.gate=softmax|attentive model.output=expectation|stochastic
+  experts.policy=fixed|grow|grow_on_demand   experts.per_experience=1   experts.freeze_old=false
+  experts.threshold=1.0       regularizer.importance=0.0
+  regularizer.ls.beta_s=0     regularizer.ls.beta_d=0      regularizer.ls.scaling=clean|reference
+  replay.mem_size=0           distill.epochs=0             eval.top_k=null
+  logging.interactive=true    logging.tensorboard=true     logging.csv=true"""
+
+
+def help_text() -> str:
+    lines = [
+        "usage: python -m moe_cl.run [benchmark=NAME] [strategy=NAME] [key=value ...]",
+        "",
+        "Runs a continual-learning experiment with Avalanche and writes config.yaml,",
+        "results.json, logs and figures to runs/<benchmark>/<strategy>/<seed>-<time>/.",
+        "",
+        f"benchmarks (default {DEFAULT_BENCHMARK}):",
+    ]
+    lines += [f"  {n:<22}{preset_description('benchmark', n)}" for n in preset_names("benchmark")]
+    lines += ["", f"strategies (default {DEFAULT_STRATEGY}):"]
+    lines += [f"  {n:<22}{preset_description('strategy', n)}" for n in preset_names("strategy")]
+    lines += ["", "main keys (any key of config.yaml can be set with dotted.key=value):", MAIN_KEYS]
+    return "\n".join(lines)
+
+
+def _run_folder(cfg: DictConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / cfg.benchmark / cfg.strategy / f"{cfg.seed}-{stamp}"
+
+
+def _resume_folder(cfg: DictConfig) -> Path:
+    """The folder named by resume=PATH or out_dir=, else the newest unfinished default one."""
+    if isinstance(cfg.resume, str) and cfg.resume not in ("true", "false"):
+        folder = Path(cfg.resume)
+    elif cfg.out_dir:
+        folder = Path(cfg.out_dir)
+    else:
+        parent = Path("runs") / cfg.benchmark / cfg.strategy
+        candidates = sorted(parent.glob(f"{cfg.seed}-*"), key=lambda p: p.stat().st_mtime)
+        unfinished = [p for p in candidates if not _is_complete(p)]
+        if not unfinished:
+            raise ConfigError(f"resume=true: no unfinished run of seed {cfg.seed} under {parent}")
+        folder = unfinished[-1]
+    if not (folder / "config.yaml").exists():
+        raise ConfigError(f"resume: {folder} is not a run folder (no config.yaml)")
+    return folder
+
+
+def _is_complete(folder: Path) -> bool:
+    results = folder / "results.json"
+    return results.exists() and '"status": "complete"' in results.read_text()
+
+
+RESUME_KEYS = ("resume=", "out_dir=", "logging.")
+
+
+def _check_same_config(saved: DictConfig, requested: DictConfig) -> None:
+    """With resume, the command may repeat the original settings but not change them
+    (logging settings excepted)."""
+    ignore = {"resume", "out_dir", "logging"}
+    a = {k: v for k, v in saved.items() if k not in ignore}
+    b = {k: v for k, v in requested.items() if k not in ignore}
+    if to_yaml(DictConfig(a)) != to_yaml(DictConfig(b)):
+        raise ConfigError("resume: the command's settings differ from the run's config.yaml; "
+                          "resume with only resume=FOLDER (or the original command)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(help_text())
+        return 0
+    created: Path | None = None
+    out = Path(".")
+    try:
+        resume_only = any(a.startswith("resume=") for a in argv) and all(
+            a.startswith(RESUME_KEYS) for a in argv)
+        cfg = None if resume_only else compose(argv)
+        if resume_only or (cfg is not None and cfg.resume not in (False, "false")):
+            probe = cfg if cfg is not None else _resume_probe(argv)
+            out = _resume_folder(probe)
+            saved = load_saved(out / "config.yaml")
+            if cfg is not None:
+                _check_same_config(saved, cfg)
+            logging = [a for a in argv if a.startswith("logging.")]
+            cfg, resume = merge_overrides(saved, logging), True
+        else:
+            out, resume = _run_folder(cfg), False
+            if out.exists() and any(out.iterdir()):
+                raise ConfigError(f"out_dir {out} is not empty; choose another, or resume=true")
+        from moe_cl.experiment import build_benchmark, print_summary, run_experiment
+
+        bundle = build_benchmark(cfg)  # data errors surface before any folder is made
+        if not out.exists():
+            out.mkdir(parents=True)
+            created = out
+        print(f"run folder: {out}")
+        results = run_experiment(cfg, out, resume=resume, bundle=bundle)
+        print_summary(results)
+        return 0
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        _remove_if_nothing_written(created)
+        return USAGE_ERROR
+    except ValueError as err:  # model/data combinations the schema cannot express
+        print(f"error: {err}", file=sys.stderr)
+        _remove_if_nothing_written(created)
+        return USAGE_ERROR
+    except NonFiniteLossError as err:
+        _mark_failed(out, str(err))
+        kept = (out / "checkpoint.pt").exists()
+        print(f"error: {err}; " + ("the checkpoint of the last finished experience is kept"
+                                   if kept else "no experience had finished"), file=sys.stderr)
+        return NON_FINITE_LOSS
+
+
+def _mark_failed(out: Path, message: str) -> None:
+    """Record in results.json (if any experience finished) why the run stopped."""
+    path = out / "results.json"
+    if path.exists():
+        results = json.loads(path.read_text())
+        results.update(status="failed", error=message)
+        write_json(path, results)
+
+
+def _resume_probe(argv: list[str]) -> DictConfig:
+    """A minimal config holding only resume and out_dir, to find the run folder."""
+    values = dict(a.split("=", 1) for a in argv if a.startswith(("resume=", "out_dir=")))
+    resume = values.get("resume", "true")
+    return DictConfig({"resume": resume if resume not in ("true", "True") else True,
+                       "out_dir": values.get("out_dir"), "benchmark": DEFAULT_BENCHMARK,
+                       "strategy": DEFAULT_STRATEGY, "seed": 0})
+
+
+def _remove_if_nothing_written(folder: Path | None) -> None:
+    """A run folder made by this call and holding no result is removed on a usage error."""
+    if folder is not None and folder.exists() and not (folder / "results.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The run command end to end on the tiny benchmark: outputs, determinism, errors, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from moe_cl.run import main
+
+FAST = ["logging.interactive=false", "logging.tensorboard=false"]
+VOLATILE = {"wall_time_s", "config", "figures"}
+
+
+def _run(tmp_path: Path, *args: str, name: str = "run") -> tuple[int, Path]:
+    out = tmp_path / name
+    code = main([*FAST, *args, f"out_dir={out}"])
+    return code, out
+
+
+def _stable(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k not in VOLATILE}
+
+
+def test_moe_with_growth_writes_every_output(tmp_path):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=attentive_ls",
+                     "logging.tensorboard=true")
+    assert code == 0
+    for name in ("config.yaml", "results.json", "checkpoint.pt", "logs/log.txt",
+                 "logs/metrics.csv", "logs/csv/eval_results.csv", "figures/accuracy_matrix.png",
+                 "figures/expert_usage.png", "figures/expert_class_after_exp02.png"):
+        assert (out / name).is_file(), name
+    assert any((out / "logs" / "tensorboard").iterdir())
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete"
+    matrix = results["accuracy_matrix"]
+    assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
+    assert len(results["task_aware_accuracy_matrix"]) == 3
+    for key in ("average_accuracy", "forgetting", "H_s", "H_u", "MI", "MI_pred", "num_experts",
+                "experts_added", "num_parameters", "wall_time_s", "device", "seed", "versions"):
+        assert key in results, key
+    assert results["num_experts"] == 4 and results["experts_added"] == 2
+    assert results["average_accuracy"] == pytest.approx(sum(matrix[-1]) / 3)
+    assert 0 <= results["H_s"] <= 2.0 and 0 <= results["MI"] <= 2.6
+    assert results["versions"]["avalanche-lib"] == "0.6.0"
+    for png in (out / "figures").glob("*.png"):
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] > 50
+    metrics = (out / "logs" / "metrics.csv").read_text()
+    assert "Routing_MI/eval_phase/test_stream" in metrics
+    assert "model:\n" in (out / "config.yaml").read_text()
+
+
+def test_same_seed_gives_identical_results_and_other_seed_differs(tmp_path):
+    args = ["benchmark=tiny", "strategy=moe_ls", "seed=3", "logging.figures=false"]
+    assert _run(tmp_path, *args, name="a")[0] == 0
+    assert _run(tmp_path, *args, name="b")[0] == 0
+    assert _run(tmp_path, *args[:-2], "seed=4", "logging.figures=false", name="c")[0] == 0
+    a, b, c = (json.loads((tmp_path / n / "results.json").read_text()) for n in "abc")
+    assert _stable(a) == _stable(b)
+    assert _stable(a) != _stable(c)
+
+
+def test_avalanche_baseline_runs_on_the_same_benchmark(tmp_path):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=replay", "replay.mem_size=40",
+                     "logging.figures=false")
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "replay" and results["num_experts"] == 1
+    assert results["H_s"] is None and len(results["accuracy_matrix"]) == 3
+
+
+def test_joint_training_is_one_stage(tmp_path):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=joint", "logging.figures=false")
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["accuracy_matrix"]) == 1 and results["average_accuracy"] > 0.6
+
+
+def test_task_scenario_and_distilled_strategy(tmp_path):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=distilled", "scenario=task",
+                     "logging.figures=false", "eval.top_k=1")
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["scenario"] == "task" and results["task_aware_accuracy_matrix"] is None
+    assert results["average_accuracy"] > 0.6
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["benchmark=nope"], "unknown benchmark preset 'nope'; choose one of"),
+        (["benchmark=tiny", "strategy=nope"], "unknown strategy preset 'nope'"),
+        (["benchmark=tiny", "model.num_experts=abc"], "model.num_experts"),
+        (["benchmark=tiny", "train.epochs=-1"], "train.epochs must be >= 0"),
+        (["benchmark=tiny", "regularizer.importance=heavy"], "regularizer.importance"),
+        (["benchmark=tiny", "model.gaet=softmax"], "unknown key 'model.gaet'"),
+        (["benchmark=tiny", "model.gate=linear"], "choose one of: softmax, attentive"),
+        (["benchmark=tiny", "experts.policy=sometimes"], "experts.policy"),
+        (["benchmark=tiny", "strategy=naive", "regularizer.importance=1"], "method=moe"),
+        (["benchmark=tiny", "model.architecture=cifar100"], "expects inputs"),
+        (["benchmark=paper_mnist"], "MNIST"),
+        (["notakeyvalue"], "expected key=value"),
+    ],
+)
+def test_usage_errors_exit_2_without_a_run_folder(tmp_path, capsys, args, message):
+    code, out = _run(tmp_path, *args, f"data.root={tmp_path / 'no-data'}")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert not (tmp_path / "no-data").exists()
+
+
+def test_help_lists_presets_and_keys(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name in ("split_cifar100", "paper_fmnist", "tiny", "attentive_ls", "ewc", "joint",
+                 "experts.policy", "regularizer.ls.beta_s", "data.root"):
+        assert name in text
+
+
+def test_malformed_preset_yaml_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    import moe_cl.config as config
+
+    for kind in ("strategies", "benchmarks"):
+        (tmp_path / kind).mkdir()
+    (tmp_path / "benchmarks" / "tiny.yaml").write_text("data: {stream: tiny\n")
+    (tmp_path / "strategies" / "moe.yaml").write_text("method: moe\n")
+    monkeypatch.setattr(config, "preset_dirs", lambda: {
+        "strategy": tmp_path / "strategies", "benchmark": tmp_path / "benchmarks"})
+    assert main(["benchmark=tiny", "strategy=moe", f"out_dir={tmp_path / 'x'}"]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_exit_3_and_keeps_the_checkpoint(tmp_path, capsys):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=moe", "train.lr=1e30")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "loss is nan at training experience" in err and "iteration" in err
+
+
+def test_corrupt_or_unsafe_checkpoint_is_refused(tmp_path, capsys):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=moe", "logging.figures=false")
+    assert code == 0
+    results_before = (out / "results.json").read_text()
+    (out / "results.json").write_text(results_before.replace('"complete"', '"running"'))
+    (out / "checkpoint.pt").write_bytes(b"\x80\x04not a checkpoint")
+    assert main([f"resume={out}", *FAST]) == 2
+    assert "corrupt or unsafe" in capsys.readouterr().err
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"format": 1, "payload": Payload()}, out / "checkpoint.pt")
+    assert main([f"resume={out}", *FAST]) == 2
+    assert "corrupt or unsafe" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "moe_cl.run", *args, *FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_killed_run_resumes_to_identical_results(tmp_path):
+    args = ["benchmark=tiny", "strategy=attentive_ls", "train.epochs=60", "seed=7",
+            "logging.figures=false"]
+    whole = _cli(*args, f"out_dir={tmp_path / 'whole'}")
+    killed = _cli(*args, f"out_dir={tmp_path / 'killed'}")
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert whole.wait(timeout=300) == 0
+    partial = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert partial["status"] == "running" and partial["experiences_completed"] < 3
+    resumed = _cli(f"resume={tmp_path / 'killed'}")
+    output = resumed.communicate(timeout=300)[0].decode()
+    assert resumed.returncode == 0, output
+    assert "resuming after experience" in output
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert _stable(a) == _stable(b)
+
+
+def test_installed_wheel_runs_from_another_directory(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(wheels), str(root)], check=True, capture_output=True)
+    wheel = next(wheels.glob("moe_cl-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = ("import moe_cl, sys; from moe_cl.run import main; print(moe_cl.__file__); "
+            "sys.exit(main(['--help']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert str(target) in done.stdout
+    assert "split_cifar100" in done.stdout and "attentive_ls" in done.stdout
