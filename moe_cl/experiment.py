@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
 from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
 from avalanche.training import EWC, JointTraining, LwF, Naive, Replay
@@ -207,6 +209,7 @@ class Progress:
     routing_history: list = field(default_factory=list)
     train_errors: list = field(default_factory=list)
     wall_time_s: float = 0.0
+    epochs_done: int = 0  # inside experience ``completed`` (epoch checkpoints)
 
 
 def _versions() -> dict:
@@ -253,6 +256,29 @@ def distill(cfg: DictConfig, teacher: MixtureOfExperts, experience, bundle: Benc
     return strategy
 
 
+class EpochCheckpoint(SupervisedPlugin):
+    """Calls ``save(epochs_done)`` every ``every`` epochs inside a training experience.
+
+    It counts epochs itself (from ``offset`` when resuming inside an experience) rather than
+    reading Avalanche's clock, whose update may come before or after this plugin.
+    """
+
+    def __init__(self, every: int, save) -> None:
+        super().__init__()
+        self.every = every
+        self.save = save
+        self.offset = 0
+        self._done = 0
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self._done = self.offset
+
+    def after_training_epoch(self, strategy, **kwargs) -> None:
+        self._done += 1
+        if self._done % self.every == 0 and self._done < self.offset + strategy.train_epochs:
+            self.save(self._done)
+
+
 def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
                    bundle: BenchmarkBundle | None = None, echo=print) -> dict:
     """Run (or continue) the configured experiment in ``out``; returns results.json's dict."""
@@ -265,32 +291,58 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
     progress = Progress()
     checkpoint_path = out / CHECKPOINT
     log_dir = out / "logs"
+    state: dict = {}
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         progress = Progress(**state["progress"])
-        log_dir = out / "logs" / f"resumed-after-exp{progress.completed:02d}"
+        log_dir = out / "logs" / f"resumed-exp{progress.completed:02d}-epoch{progress.epochs_done}"
+    if progress.completed and progress.completed >= _stage_count(cfg, bundle):
+        echo(f"{out} is already complete")
+        return json.loads((out / "results.json").read_text())
     is_moe = isinstance(model, MixtureOfExperts)
     evaluator = build_evaluator(cfg, log_dir, routing=is_moe)
     strategy = build_strategy(cfg, model, optimizer, plugins, evaluator, bundle, device)
     if not (out / "config.yaml").exists():
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
 
+    def save(epochs_done: int = 0) -> None:
+        progress.epochs_done = epochs_done
+        save_checkpoint(checkpoint_path, {
+            "model": model_state(model),
+            "optimizer": optimizer_state(optimizer, model),
+            "plugins": plugin_states(strategy.plugins),
+            "rng": rng_state(),
+            "progress": dict(progress.__dict__),
+        })
+
+    epoch_checkpoints = None
+    if cfg.train.checkpoint_every_epochs:
+        epoch_checkpoints = EpochCheckpoint(cfg.train.checkpoint_every_epochs, save)
+        strategy.plugins.append(epoch_checkpoints)
+
     # Materialise the streams first: Avalanche reseeds the global RNG when it builds them.
     train_stream = list(bundle.benchmark.train_stream)
     test_stream = list(bundle.benchmark.test_stream)
-    n_train, n_test = len(train_stream), len(test_stream)
+    n_test = len(test_stream)
     stages = [train_stream] if cfg.method == "joint" else [[e] for e in train_stream]
-    if progress.completed:
+    if state:
         load_model_state(model, state["model"])
         model.to(device)
         strategy.optimized_param_id = restore_optimizer(optimizer, model, state["optimizer"])
         load_plugin_states(strategy.plugins, state["plugins"], model)
         set_rng_state(state["rng"])  # last: nothing may draw random numbers after this
-        echo(f"resuming after experience {progress.completed - 1} from {checkpoint_path}")
+        echo(f"resuming at experience {progress.completed}, epoch {progress.epochs_done}, "
+             f"from {checkpoint_path}")
+    results_dict: dict = {}
     for index in range(progress.completed, len(stages)):
         started = time.perf_counter()
         stage = stages[index]
+        skip = progress.epochs_done
+        if epoch_checkpoints is not None:
+            epoch_checkpoints.offset = skip
+        strategy.train_epochs = cfg.train.epochs - skip
         strategy.train(stage if cfg.method == "joint" else stage[0], eval_streams=[])
+        strategy.train_epochs = cfg.train.epochs
         train_results = strategy.evaluator.get_last_metrics()
         evaluating = strategy
         if is_moe and cfg.distill.epochs:
@@ -306,18 +358,11 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
         progress.train_errors.append(_train_error(train_results))
         progress.completed = index + 1
         progress.wall_time_s += time.perf_counter() - started
-        save_checkpoint(checkpoint_path, {
-            "model": model_state(model),
-            "optimizer": optimizer_state(optimizer, model),
-            "plugins": plugin_states(strategy.plugins),
-            "rng": rng_state(),
-            "progress": progress.__dict__,
-        })
+        save()
         echo(f"experience {index + 1}/{len(stages)}: accuracy on the test stream "
              f"{average_accuracy(progress.accuracy_matrix):.4f}")
-        final_model = evaluating.model
-        results_dict = _results(cfg, bundle, progress, final_model, device,
-                                complete=index + 1 == len(stages), n_train=n_train)
+        results_dict = _results(cfg, bundle, progress, evaluating.model, device,
+                                complete=index + 1 == len(stages), n_train=len(train_stream))
         write_json(out / "results.json", results_dict)
     if cfg.logging.figures:
         results_dict["figures"] = write_figures(out, progress.routing_history,
@@ -325,6 +370,10 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
                                                 getattr(bundle, "class_names", None))
         write_json(out / "results.json", results_dict)
     return results_dict
+
+
+def _stage_count(cfg: DictConfig, bundle: BenchmarkBundle) -> int:
+    return 1 if cfg.method == "joint" else len(bundle.benchmark.train_stream)
 
 
 def _results(cfg: DictConfig, bundle: BenchmarkBundle, progress: Progress,
