@@ -1,0 +1,113 @@
+"""``python -m moe_cl.compare split_fmnist --seeds 3``: MoE strategies against Avalanche's
+baselines on a continual-learning stream, class- and task-incremental.
+
+Every MoE expert policy (fixed, grow, grow with frozen old experts, grow on demand), each with
+and without L_s and with and without replay, next to Avalanche's naive, EWC, LwF, replay and
+joint training on the single-expert backbone, all with the same epochs. Writes ``runs.csv``,
+``table.json`` and ``table.md`` (mean +- std over seeds). Interrupted, it resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moe_cl.results import atomic_write_text, write_json
+from moe_cl.suite import Variant, mean_std, run_suite, write_rows
+
+POLICIES = {
+    "fixed": ("experts.policy=fixed", "model.num_experts=10"),
+    "grow": ("experts.policy=grow", "model.num_experts=2", "experts.per_experience=2"),
+    "grow_freeze": ("experts.policy=grow", "model.num_experts=2", "experts.per_experience=2",
+                    "experts.freeze_old=true"),
+    "grow_on_demand": ("experts.policy=grow_on_demand", "model.num_experts=2",
+                       "experts.per_experience=2"),
+}
+BASELINES = ("naive", "ewc", "lwf", "replay", "joint")
+REPLAY_MEMORY = 500
+COLUMNS = ("average_accuracy", "forgetting", "task_aware_average_accuracy", "H_s", "H_u", "MI",
+           "num_experts", "num_parameters", "wall_time_s")
+
+
+def variants(scenario: str) -> list[Variant]:
+    out = []
+    for policy, argv in POLICIES.items():
+        for strategy, tag in (("attentive", ""), ("attentive_ls", "+ls")):
+            for replay in (0, REPLAY_MEMORY):
+                name = f"moe-{policy}{tag}{'+replay' if replay else ''}-{scenario}"
+                out.append(Variant(name, (f"strategy={strategy}", *argv,
+                                          f"replay.mem_size={replay}", f"scenario={scenario}")))
+    for baseline in BASELINES:
+        out.append(Variant(f"{baseline}-{scenario}",
+                           (f"strategy={baseline}", f"scenario={scenario}",
+                            f"replay.mem_size={REPLAY_MEMORY if baseline == 'replay' else 0}")))
+    return out
+
+
+def table(rows: list[dict]) -> dict:
+    out = {}
+    for name in dict.fromkeys(r["run"] for r in rows):
+        runs = [r for r in rows if r["run"] == name]
+        out[name] = {"seeds": len(runs), **{c: mean_std([r[c] for r in runs]) for c in COLUMNS}}
+    return out
+
+
+def markdown(summary: dict, benchmark: str) -> str:
+    head = ("| strategy | seeds | final avg accuracy | forgetting | task-aware accuracy | H_s |"
+            " H_u | I(E;Y) | experts | parameters | wall time (s) |")
+    lines = [f"### {benchmark}: mean +- std over seeds", "", head, "|" + "---|" * 11]
+    for name, entry in summary.items():
+        cells = []
+        for column in COLUMNS:
+            value = entry[column]
+            if value is None:
+                cells.append("-")
+            elif column in ("num_parameters", "num_experts"):
+                cells.append(f"{value[0]:,.0f}")
+            elif column == "wall_time_s":
+                cells.append(f"{value[0]:.0f}")
+            else:
+                cells.append(f"{value[0]:.3f} +- {value[1]:.3f}")
+        lines.append(f"| {name} | {entry['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_cl.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=("split_mnist", "split_fmnist", "split_cifar100",
+                                              "tiny"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--scenarios", nargs="+", choices=("class", "task"),
+                        default=["class", "task"])
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run names to keep (prefix match, e.g. moe-grow naive)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default runs/compare/<benchmark>)")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    out = args.out or Path("runs") / "compare" / args.benchmark
+    chosen = [v for s in args.scenarios for v in variants(s)
+              if args.only is None or v.name.startswith(tuple(args.only))]
+    from moe_cl.benchmarks import DataError
+    from moe_cl.config import ConfigError
+
+    try:
+        rows = run_suite(args.benchmark, chosen, range(args.seeds), out, extra=overrides)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_rows(rows, out / "runs.csv")
+    summary = table(rows)
+    write_json(out / "table.json", summary)
+    text = markdown(summary, args.benchmark)
+    atomic_write_text(out / "table.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""``python -m moe_cl.reproduce paper_fmnist --seeds 5``: the paper's tables, beside its numbers.
+
+Runs every paper variant (single model, original MoE +- L_importance / L_s, attentive +- the
+same, and the two distilled models) on a paper benchmark, then writes
+
+* ``runs.csv`` / ``runs.json``: one row per run (train and test error, I(E;Y_pred), H_s, H_u...),
+* ``table.md`` / ``table.json``: both aggregations, (a) the paper's: per category the run with
+  the minimum training error over all runs and hyperparameters, and the std of the test error
+  over all runs of the category; (b) mean +- std over seeds at the preset hyperparameters,
+  each beside the published value and the difference.
+
+Interrupted, it resumes: finished runs are read back, the interrupted one continues from its
+checkpoint. ``--grid`` adds the paper's hyperparameter grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from moe_cl.results import atomic_write_text, write_json
+from moe_cl.suite import Variant, mean_std, run_suite, write_rows
+
+PAPER_BENCHMARKS = ("paper_mnist", "paper_fmnist", "paper_cifar100")
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "single": ("strategy=single",),
+    "moe": ("strategy=moe",),
+    "moe_importance": ("strategy=moe_importance",),
+    "moe_ls": ("strategy=moe_ls",),
+    "attentive": ("strategy=attentive",),
+    "attentive_importance": ("strategy=attentive_importance",),
+    "attentive_ls": ("strategy=attentive_ls",),
+    "distilled_importance": ("strategy=attentive_importance", "distill.epochs=DISTILL"),
+    "distilled_ls": ("strategy=distilled",),
+}
+DISTILL_EPOCHS = {"paper_mnist": 20, "paper_fmnist": 20, "paper_cifar100": 40}
+# The paper's grids (PAPER.md section 2).
+IMPORTANCE_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
+BETA_D = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+BETA_S = {"paper_mnist": (1e-6, 1e-5), "paper_fmnist": (1e-7, 1e-6),
+          "paper_cifar100": (1e-5, 1e-4, 1e-3)}
+COLUMNS = ("train_error", "test_error", "MI_pred", "H_s", "H_u")
+PUBLISHED_COLUMNS = {"train_error": "train", "test_error": "test", "MI_pred": "MI_pred",
+                     "H_s": "H_s", "H_u": "H_u"}
+COLLAPSE_H_U = 0.1  # bits: (nearly) every sample routed to one expert
+
+
+def published(benchmark: str) -> dict:
+    text = resources.files("moe_cl").joinpath("published.yaml").read_text()
+    return yaml.safe_load(text).get(benchmark, {})
+
+
+def variants(benchmark: str, names: list[str], grid: bool) -> list[Variant]:
+    out = []
+    for name in names:
+        argv = tuple(a.replace("DISTILL", str(DISTILL_EPOCHS[benchmark])) for a in VARIANTS[name])
+        out.append(Variant(name, argv, name))
+        if not grid:
+            continue
+        if name.endswith("_importance"):
+            for w in IMPORTANCE_GRID:
+                out.append(Variant(f"{name}[w={w}]", (*argv, f"regularizer.importance={w}"),
+                                   name, {"importance": w}))
+        elif name.endswith("_ls"):
+            for beta_s, beta_d in itertools.product(BETA_S[benchmark], BETA_D):
+                out.append(Variant(
+                    f"{name}[bs={beta_s:g},bd={beta_d:g}]",
+                    (*argv, f"regularizer.ls.beta_s={beta_s}", f"regularizer.ls.beta_d={beta_d}",
+                     "regularizer.ls.scaling=reference"),
+                    name, {"beta_s": beta_s, "beta_d": beta_d}))
+    return out
+
+
+def aggregate(rows: list[dict], benchmark: str, names: list[str]) -> dict:
+    """Both aggregations per category, with the published numbers and differences."""
+    paper = published(benchmark)
+    table = {}
+    for name in names:
+        runs = [r for r in rows if r["category"] == name]
+        fixed = [r for r in runs if r["run"] == name]
+        if not runs:
+            continue
+        finished = [r for r in runs if r["train_error"] is not None]
+        best = min(finished, key=lambda r: r["train_error"]) if finished else runs[0]
+        test_std = mean_std([r["test_error"] for r in runs])
+        entry = {
+            "runs": len(runs),
+            "best_run": {"run": best["run"], "seed": best["seed"],
+                         **{c: best[c] for c in COLUMNS}},
+            "std_test_error_all_runs": test_std[1] if test_std else None,
+            "mean_std_fixed": {c: mean_std([r[c] for r in fixed]) for c in COLUMNS},
+            "seeds_fixed": len(fixed),
+            "collapsed_runs": sum(1 for r in runs
+                                  if r["H_u"] is not None and r["H_u"] < COLLAPSE_H_U),
+            "published": paper.get(name),
+        }
+        table[name] = entry
+    return table
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _diff(value, ref) -> str:
+    if value is None or ref is None:
+        return ""
+    return f" ({value - ref:+.3f})"
+
+
+def markdown(table: dict, benchmark: str) -> str:
+    lines = [f"### {benchmark}: run with the minimum training error per category (paper's "
+             "selection); in brackets: difference to the published value", "",
+             "| model | runs | train | test | I(E;Y_pred) | H_s | H_u | std test (all runs) |"
+             " collapsed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in table.items():
+        best, pub = entry["best_run"], entry["published"] or {}
+        cells = [_num(best[c]) + _diff(best[c], pub.get(PUBLISHED_COLUMNS[c])) for c in COLUMNS]
+        std = entry["std_test_error_all_runs"]
+        lines.append(f"| {name} | {entry['runs']} | " + " | ".join(cells)
+                     + f" | {_num(std)}{_diff(std, pub.get('std'))} | {entry['collapsed_runs']} |")
+    lines += ["", f"### {benchmark}: mean +- std over seeds at the preset hyperparameters", "",
+              "| model | seeds | train | test | I(E;Y_pred) | H_s | H_u | published test |"
+              " test within 2 published std |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in table.items():
+        pub = entry["published"] or {}
+        stats = entry["mean_std_fixed"]
+        cells = ["-" if stats[c] is None else f"{stats[c][0]:.3f} +- {stats[c][1]:.3f}"
+                 for c in COLUMNS]
+        verdict = ""
+        if stats["test_error"] is not None and pub.get("test") is not None:
+            ok = stats["test_error"][0] <= pub["test"] + 2 * pub["std"]
+            verdict = "yes" if ok else "no"
+        lines.append(f"| {name} | {entry['seeds_fixed']} | " + " | ".join(cells)
+                     + f" | {_num(pub.get('test'))} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_cl.reproduce",
+                                     description="Reproduce the paper's tables.")
+    parser.add_argument("benchmark", choices=PAPER_BENCHMARKS)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--grid", action="store_true", help="also run the paper's grids")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default runs/reproduce/<benchmark>)")
+    parser.epilog = ("Any key=value argument is applied to every run (keys of the mixture only "
+                     "to its runs), e.g. data.root=data device=cuda.")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    out = args.out or Path("runs") / "reproduce" / args.benchmark
+    from moe_cl.benchmarks import DataError
+    from moe_cl.config import ConfigError
+
+    try:
+        rows = run_suite(args.benchmark, variants(args.benchmark, args.variants, args.grid),
+                         range(args.seeds), out, extra=overrides)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_rows(rows, out / "runs.csv")
+    table = aggregate(rows, args.benchmark, args.variants)
+    write_json(out / "table.json", table)
+    text = markdown(table, args.benchmark)
+    atomic_write_text(out / "table.md", text)
+    print(text)
+    print(f"raw runs: {out / 'runs.csv'}; tables: {out / 'table.md'}, {out / 'table.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,86 @@
+"""The reproduction and comparison commands: variants, aggregation, resumable suites."""
+
+import csv
+import json
+
+import pytest
+
+from moe_cl import compare, reproduce
+from tests.datafiles import write_mnist_like
+
+
+def _row(run, category, seed, train, test, h_u=2.0):
+    return {"run": run, "category": category, "seed": seed, "train_error": train,
+            "test_error": test, "MI_pred": 2.0, "H_s": 0.1, "H_u": h_u}
+
+
+def test_variants_cover_the_paper_and_expand_its_grids():
+    names = list(reproduce.VARIANTS)
+    assert len(names) == 9
+    plain = reproduce.variants("paper_fmnist", names, grid=False)
+    assert [v.name for v in plain] == names
+    distilled = next(v for v in plain if v.name == "distilled_importance")
+    assert "distill.epochs=20" in distilled.argv
+    grid = reproduce.variants("paper_fmnist", ["moe_importance", "attentive_ls"], grid=True)
+    assert len(grid) == 2 + 5 + 2 * 7
+    assert all(v.group in ("moe_importance", "attentive_ls") for v in grid)
+    assert any("regularizer.ls.scaling=reference" in v.argv for v in grid)
+
+
+def test_aggregation_follows_the_paper_and_reports_seeds():
+    rows = [
+        _row("moe", "moe", 0, 0.05, 0.11), _row("moe", "moe", 1, 0.03, 0.12),
+        _row("moe", "moe", 2, 0.04, 0.10, h_u=0.0),
+        _row("moe_ls", "moe_ls", 0, 0.02, 0.09), _row("moe_ls[bs=1e-07]", "moe_ls", 0, 0.01, 0.2),
+    ]
+    table = reproduce.aggregate(rows, "paper_fmnist", ["moe", "moe_ls"])
+    assert table["moe"]["best_run"]["seed"] == 1  # minimum training error
+    assert table["moe"]["best_run"]["test_error"] == 0.12
+    assert table["moe"]["std_test_error_all_runs"] == pytest.approx(0.01)
+    mean, std = table["moe"]["mean_std_fixed"]["test_error"]
+    assert mean == pytest.approx(0.11) and std == pytest.approx(0.01)
+    assert table["moe"]["collapsed_runs"] == 1
+    assert table["moe"]["published"]["test"] == 0.104
+    # The grid run wins the paper's selection; the fixed-hyperparameter mean ignores it.
+    assert table["moe_ls"]["best_run"]["run"] == "moe_ls[bs=1e-07]"
+    assert table["moe_ls"]["seeds_fixed"] == 1
+    text = reproduce.markdown(table, "paper_fmnist")
+    assert "0.120 (+0.016)" in text and "| moe | 3 |" in text
+
+
+def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
+    write_mnist_like(tmp_path / "data", folder="FashionMNIST", n_train=300, n_test=100)
+    args = ["paper_fmnist", "--seeds", "2", "--variants", "single", "attentive", "distilled_ls",
+            "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'data'}", "train.epochs=1",
+            "distill.epochs=1", "train.batch_size=64"]
+    assert reproduce.main(args) == 0
+    with open(tmp_path / "out" / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {r["run"] for r in rows} == {"single", "attentive", "distilled_ls"}
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert set(table) == {"single", "attentive", "distilled_ls"}
+    assert "published" in (tmp_path / "out" / "table.md").read_text()
+    capsys.readouterr()
+    # A run that did not finish is run again; the others are read back.
+    results = tmp_path / "out" / "attentive" / "seed-1" / "results.json"
+    results.write_text(results.read_text().replace('"complete"', '"running"'))
+    assert reproduce.main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert sum("(done before)" in line for line in lines) == 5
+
+
+def test_reproduce_rejects_unknown_arguments():
+    with pytest.raises(SystemExit):
+        reproduce.main(["paper_fmnist", "--bogus"])
+
+
+def test_compare_lists_every_strategy_and_runs_a_subset(tmp_path):
+    names = [v.name for v in compare.variants("class")]
+    assert len(names) == 4 * 2 * 2 + 5
+    assert "moe-grow_freeze+ls+replay-class" in names and "joint-class" in names
+    args = ["tiny", "--seeds", "1", "--scenarios", "task", "--only", "moe-grow_freeze-",
+            "naive", "--out", str(tmp_path)]
+    assert compare.main(args) == 0
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert set(table) == {"moe-grow_freeze-task", "naive-task"}
+    assert table["moe-grow_freeze-task"]["num_experts"][0] == 6
