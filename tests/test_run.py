@@ -217,3 +217,31 @@ def test_installed_wheel_runs_from_another_directory(tmp_path):
     assert done.returncode == 0, done.stderr
     assert str(target) in done.stdout
     assert "split_cifar100" in done.stdout and "attentive_ls" in done.stdout
+
+
+def test_truncated_data_file_is_a_usage_error_naming_the_file(tmp_path, capsys):
+    from tests.datafiles import write_mnist_like
+
+    raw = write_mnist_like(tmp_path / "data", folder="MNIST", n_train=64, n_test=32)
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    code, out = _run(tmp_path, "benchmark=paper_mnist", f"data.root={tmp_path / 'data'}")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from moe_cl import results
+
+    path = tmp_path / "results.json"
+    results.write_json(path, {"status": "complete", "value": 1})
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        results.write_json(path, {"status": "running", "value": 2})
+    assert json.loads(path.read_text()) == {"status": "complete", "value": 1}
