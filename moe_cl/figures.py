@@ -39,6 +39,25 @@ def expert_class_heatmap(
     return fig
 
 
+def heatmaps_side_by_side(matrices: dict[str, Sequence[Sequence[float]]]) -> Figure:
+    """Expert x class heatmaps of several models next to each other (e.g. the paper's
+    original MoE against attentive gate + L_s)."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.4), dpi=100,
+                             squeeze=False)
+    for ax, (title, counts) in zip(axes[0], matrices.items(), strict=True):
+        matrix = np.asarray(counts, dtype=float)
+        shares = matrix / np.clip(matrix.sum(1, keepdims=True), 1e-12, None)
+        ax.imshow(shares, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("class")
+        ax.set_xticks(range(shares.shape[1]))
+        ax.set_yticks(range(shares.shape[0]))
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def accuracy_matrix_figure(matrix: Sequence[Sequence[float]]) -> Figure:
     """Row i: accuracy on each test experience after training experience i."""
     data = np.asarray(matrix, dtype=float)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from moe_cl.figures import heatmaps_side_by_side, save_figure
 from moe_cl.results import atomic_write_text, write_json
 from moe_cl.suite import Variant, mean_std, run_suite, write_rows
 
@@ -142,6 +144,25 @@ def markdown(table: dict, benchmark: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_heatmaps(out: Path, table: dict, rows: list[dict],
+                   names: tuple[str, ...] = ("moe", "attentive_ls")) -> Path | None:
+    """``heatmaps.png``: expert x class counts of the selected run of each named category."""
+    matrices = {}
+    for name in names:
+        if name not in table:
+            continue
+        best = table[name]["best_run"]
+        results = out / best["run"] / f"seed-{best['seed']}" / "results.json"
+        counts = json.loads(results.read_text()).get("expert_class_counts")
+        if counts:
+            matrices[f"{name} (seed {best['seed']}, test error {best['test_error']:.3f})"] = counts
+    if not matrices:
+        return None
+    path = out / "heatmaps.png"
+    save_figure(heatmaps_side_by_side(matrices), path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_cl.reproduce",
                                      description="Reproduce the paper's tables.")
@@ -172,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     write_rows(rows, out / "runs.csv")
     table = aggregate(rows, args.benchmark, args.variants)
     write_json(out / "table.json", table)
+    write_heatmaps(out, table, rows)
     text = markdown(table, args.benchmark)
     atomic_write_text(out / "table.md", text)
     print(text)

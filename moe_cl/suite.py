@@ -59,9 +59,7 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
         if not done:
             argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
                     "logging.interactive=false", "logging.tensorboard=false"]
-            if compose(argv).method != "moe":  # the mixture's keys do not apply to baselines
-                extra = [a for a in extra if not a.startswith(MOE_ONLY)]
-            cfg = compose([*argv, *extra])
+            cfg = compose([*argv, *_applicable(compose(argv), extra)])
             resume = (folder / "checkpoint.pt").exists()
             if folder.exists() and not resume:
                 shutil.rmtree(folder)  # started but nothing finished: start again
@@ -82,6 +80,16 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
              f"{' (done before)' if done else ''}; elapsed {time.perf_counter() - started:.0f} s,"
              f" about {eta:.0f} s left")
     return rows
+
+
+def _applicable(base, extra: Sequence[str]) -> list[str]:
+    """The suite-wide overrides that apply to a run: the mixture's keys only to mixtures, the
+    distillation's only to runs that distil."""
+    if base.method != "moe":
+        return [a for a in extra if not a.startswith(MOE_ONLY)]
+    if not base.distill.epochs:
+        return [a for a in extra if not a.startswith("distill.")]
+    return list(extra)
 
 
 def _is_complete(results_path: Path) -> bool:

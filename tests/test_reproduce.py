@@ -50,19 +50,20 @@ def test_aggregation_follows_the_paper_and_reports_seeds():
 
 def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
     write_mnist_like(tmp_path / "data", folder="FashionMNIST", n_train=300, n_test=100)
-    args = ["paper_fmnist", "--seeds", "2", "--variants", "single", "attentive", "distilled_ls",
+    args = ["paper_fmnist", "--seeds", "2", "--variants", "single", "moe", "attentive_ls",
             "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'data'}", "train.epochs=1",
             "distill.epochs=1", "train.batch_size=64"]
     assert reproduce.main(args) == 0
     with open(tmp_path / "out" / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 6 and {r["run"] for r in rows} == {"single", "attentive", "distilled_ls"}
+    assert len(rows) == 6 and {r["run"] for r in rows} == {"single", "moe", "attentive_ls"}
     table = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert set(table) == {"single", "attentive", "distilled_ls"}
+    assert set(table) == {"single", "moe", "attentive_ls"}
+    assert (tmp_path / "out" / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"
     assert "published" in (tmp_path / "out" / "table.md").read_text()
     capsys.readouterr()
     # A run that did not finish is run again; the others are read back.
-    results = tmp_path / "out" / "attentive" / "seed-1" / "results.json"
+    results = tmp_path / "out" / "moe" / "seed-1" / "results.json"
     results.write_text(results.read_text().replace('"complete"', '"running"'))
     assert reproduce.main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
