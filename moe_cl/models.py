@@ -71,17 +71,29 @@ class _RoutingSlot:
 
 
 class ClassMasking(MultiTaskModule):
-    """Keeps track of known classes per task and builds the output mask of a batch."""
+    """A model of one paper architecture with one head over all classes, masked per batch:
+    it keeps track of the classes known per task and registers them in ``adaptation()``."""
 
-    def __init__(self, num_classes: int, scenario: Scenario, mask_unseen: bool) -> None:
+    def __init__(
+        self, architecture: str | Architecture, scenario: Scenario, mask_unseen: bool
+    ) -> None:
         super().__init__()
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
+        if isinstance(architecture, str):
+            architecture = get_architecture(architecture)
+        self.architecture = architecture
+        num_classes = architecture.num_classes
         self.num_classes = num_classes
         self.scenario = scenario
         self.mask_unseen = mask_unseen
         # seen[t, k]: class k belongs to task t (row 0 collects every class in class-IL).
         self.register_buffer("seen", torch.zeros(1, num_classes, dtype=torch.bool))
+
+    def adaptation(self, experience: CLExperience) -> None:
+        super().adaptation(experience)
+        if self.scenario == "task" or self.training:
+            self.register_classes(experience)
 
     def register_classes(self, experience: CLExperience) -> None:
         classes = list(experience.classes_in_this_experience)
@@ -124,10 +136,9 @@ class MixtureOfExperts(ClassMasking):
         scenario: Scenario = "class",
         mask_unseen_classes: bool = True,
     ) -> None:
-        arch = get_architecture(architecture) if isinstance(architecture, str) else architecture
-        super().__init__(arch.num_classes, scenario, mask_unseen_classes)
-        self.architecture = arch
-        self.core = build_core_mixture(arch, gate=gate, num_experts=num_experts, output=output)
+        super().__init__(architecture, scenario, mask_unseen_classes)
+        self.core = build_core_mixture(self.architecture, gate=gate, num_experts=num_experts,
+                                       output=output)
         self.policy = policy or ExpertPolicy()
         self.growth_log: list[dict] = []
         self._trained_experiences: list[int] = []
@@ -162,8 +173,6 @@ class MixtureOfExperts(ClassMasking):
 
     def adaptation(self, experience: CLExperience) -> None:
         super().adaptation(experience)
-        if self.scenario == "task" or self.training:
-            self.register_classes(experience)
         if not self.training or experience.current_experience in self._trained_experiences:
             return
         first = not self._trained_experiences
@@ -256,19 +265,12 @@ class SingleExpertModel(ClassMasking):
         scenario: Scenario = "class",
         mask_unseen_classes: bool = True,
     ) -> None:
-        arch = get_architecture(architecture) if isinstance(architecture, str) else architecture
-        super().__init__(arch.num_classes, scenario, mask_unseen_classes)
-        self.architecture = arch
-        self.expert = build_single_model(arch)
+        super().__init__(architecture, scenario, mask_unseen_classes)
+        self.expert = build_single_model(self.architecture)
 
     def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
         logits, _ = self.expert(x)
         return masked_log_softmax(logits, self.class_mask(task_labels))
-
-    def adaptation(self, experience: CLExperience) -> None:
-        super().adaptation(experience)
-        if self.scenario == "task" or self.training:
-            self.register_classes(experience)
 
 
 def _first_samples(
