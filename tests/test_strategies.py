@@ -260,3 +260,39 @@ def test_moe_strategy_refuses_other_models():
     model = SingleExpertModel(architecture=arch)
     with pytest.raises(TypeError, match="MixtureOfExperts"):
         MoEStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+class _SampleCounter(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.per_epoch: list[int] = []
+        self.seen: list[torch.Tensor] = []
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self.per_epoch.append(0)
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.per_epoch[-1] += len(strategy.mb_y)
+        self.seen.append(strategy.mb_x.flatten(1)[:, :4].clone())
+
+
+def test_fast_data_path_matches_the_standard_loader():
+    epochs = 3
+    bundle, arch = _tiny(2)
+    outcomes = {}
+    for fast in (True, False):
+        torch.manual_seed(8)
+        model = MixtureOfExperts(architecture=arch, num_experts=2)
+        counter = _SampleCounter()
+        strategy = _strategy(model, epochs=epochs, plugins=[counter], fast_data=fast)
+        strategy.train(bundle.benchmark.train_stream[0])
+        results = strategy.eval(bundle.benchmark.test_stream[:1])
+        accuracy = [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0]
+        n = len(bundle.benchmark.train_stream[0].dataset)
+        assert counter.per_epoch == [n] * epochs
+        # Every sample exactly once per epoch: the epoch's rows are a permutation of the data.
+        first_epoch = torch.cat(counter.seen)[:n]
+        assert len(torch.unique(first_epoch, dim=0)) == n
+        outcomes[fast] = accuracy
+    assert outcomes[True] > 0.9 and outcomes[False] > 0.9
+    assert abs(outcomes[True] - outcomes[False]) < 0.1
