@@ -343,10 +343,10 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
         strategy.train_epochs = cfg.train.epochs - skip
         strategy.train(stage if cfg.method == "joint" else stage[0], eval_streams=[])
         strategy.train_epochs = cfg.train.epochs
-        train_results = strategy.evaluator.get_last_metrics()
         evaluating = strategy
         if is_moe and cfg.distill.epochs:
             evaluating = distill(cfg, model, stage[0], bundle, evaluator, device)
+        train_results = evaluating.evaluator.get_last_metrics()  # the distilled gate's, if any
         results = evaluating.eval(test_stream)
         progress.accuracy_matrix.append(_row(results, ACCURACY, n_test))
         progress.task_aware_matrix.append(_row(results, TASK_AWARE_ACCURACY, n_test))
