@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from moe_cl.results import atomic_write_text, write_json
-from moe_cl.suite import Variant, mean_std, run_suite, write_rows
+from moe_cl.suite import Variant, format_mean_std, mean_std, run_suite, write_rows
 
 POLICIES = {
     "fixed": ("experts.policy=fixed", "model.num_experts=10"),
@@ -68,7 +68,7 @@ def markdown(summary: dict, benchmark: str) -> str:
             elif column == "wall_time_s":
                 cells.append(f"{value[0]:.0f}")
             else:
-                cells.append(f"{value[0]:.3f} +- {value[1]:.3f}")
+                cells.append(format_mean_std(value))
         lines.append(f"| {name} | {entry['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run names to keep (prefix match, e.g. moe-grow naive)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default runs/compare/<benchmark>)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the runs already finished in --out")
     args, overrides = parser.parse_known_args(argv)
     unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
     if unknown:
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from moe_cl.config import ConfigError
 
     try:
-        rows = run_suite(args.benchmark, chosen, range(args.seeds), out, extra=overrides)
+        rows = run_suite(args.benchmark, chosen, range(args.seeds), out, extra=overrides,
+                         run=not args.report_only)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

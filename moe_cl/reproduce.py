@@ -26,7 +26,7 @@ import yaml
 
 from moe_cl.figures import heatmaps_side_by_side, save_figure
 from moe_cl.results import atomic_write_text, write_json
-from moe_cl.suite import Variant, mean_std, run_suite, write_rows
+from moe_cl.suite import Variant, format_mean_std, mean_std, run_suite, write_rows
 
 PAPER_BENCHMARKS = ("paper_mnist", "paper_fmnist", "paper_cifar100")
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -133,8 +133,7 @@ def markdown(table: dict, benchmark: str) -> str:
     for name, entry in table.items():
         pub = entry["published"] or {}
         stats = entry["mean_std_fixed"]
-        cells = ["-" if stats[c] is None else f"{stats[c][0]:.3f} +- {stats[c][1]:.3f}"
-                 for c in COLUMNS]
+        cells = [format_mean_std(stats[c]) for c in COLUMNS]
         verdict = ""
         if stats["test_error"] is not None and pub.get("test") is not None:
             ok = stats["test_error"][0] <= pub["test"] + 2 * pub["std"]
@@ -174,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="results folder (default runs/reproduce/<benchmark>)")
     parser.epilog = ("Any key=value argument is applied to every run (keys of the mixture only "
                      "to its runs), e.g. data.root=data device=cuda.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the runs already finished in --out")
     args, overrides = parser.parse_known_args(argv)
     unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
     if unknown:
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = run_suite(args.benchmark, variants(args.benchmark, args.variants, args.grid),
-                         range(args.seeds), out, extra=overrides)
+                         range(args.seeds), out, extra=overrides, run=not args.report_only)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

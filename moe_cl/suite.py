@@ -42,8 +42,10 @@ class Variant:
 
 
 def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int], out: Path,
-              *, extra: Sequence[str] = (), echo: Callable[[str], None] = print) -> list[dict]:
-    """Run every variant with every seed (skipping finished runs); returns one row per run."""
+              *, extra: Sequence[str] = (), echo: Callable[[str], None] = print,
+              run: bool = True) -> list[dict]:
+    """Run every variant with every seed (skipping finished runs); returns one row per run.
+    With ``run=False`` nothing is trained: the rows are the runs already finished."""
     from moe_cl.experiment import run_experiment
 
     rows = []
@@ -56,6 +58,8 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
         folder = out / variant.name / f"seed-{seed}"
         results_path = folder / "results.json"
         done = _is_complete(results_path)
+        if not done and not run:
+            continue
         if not done:
             argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
                     "logging.interactive=false", "logging.tensorboard=false"]
@@ -107,11 +111,19 @@ def write_rows(rows: list[dict], csv_path: Path) -> None:
     write_json(csv_path.with_suffix(".json"), rows)
 
 
-def mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
+def mean_std(values: Sequence[float | None]) -> tuple[float, float | None] | None:
+    """Mean and sample std of the values present (std None for a single value)."""
     clean = [v for v in values if v is not None and not math.isnan(v)]
     if not clean:
         return None
-    return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0
+    return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else None
+
+
+def format_mean_std(value: tuple[float, float | None] | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    mean, std = value
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} +- {std:.{digits}f}"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
