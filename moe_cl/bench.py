@@ -67,11 +67,11 @@ class Sizes:
     warmup: int = 1
     bank_small_batch: int = 512  # MNIST experts, M = 5
     bank_large_batch: int = 256  # CIFAR-100 experts, M = 20
-    bank_chunk: int = 32  # diagnostic row: the bank run on slices of the batch
+    bank_chunk: int = 32  # diagnostic row: the bank run on slices of the batch (0: none)
     ls_batch: int = 256
     epoch_samples: int | None = None  # None: the whole training set (60000)
     epoch_epochs: int = 2  # epoch 1 pays the set-up, epochs 2.. are the steady state
-    epoch_repeats: int = 3
+    epoch_repeats: int = 2
     epoch_batch: int = 512
     topk_batch: int = 256
     topk_experts: int = 20
@@ -86,6 +86,7 @@ PRESETS: dict[str, Sizes] = {
     "quick": Sizes(
         repeats=3,
         bank_large_batch=128,
+        bank_chunk=0,
         epoch_samples=10_000,
         epoch_repeats=1,
         topk_batch=64,
@@ -272,7 +273,7 @@ def bank_cases(
         a, b = bank(x), loop_forward(x)
         diff = max(float((a[0] - b[0]).abs().max()), float((a[1] - b[1]).abs().max()))
     fns = {"loop over experts": run_loop, "ExpertBank": run_bank}
-    if chunk < batch:
+    if 0 < chunk < batch:
         fns[f"ExpertBank, slices of {chunk}"] = run_chunked
     return fns, diff
 
@@ -617,18 +618,40 @@ def bench_epoch(
     n = len(experience.dataset)
     epochs = max(sizes.epoch_epochs, 1)
 
+    # MoEStrategy's fast path gathers an experience by index arithmetic, but falls back to
+    # one __getitem__ per sample once the dataset has been read sample by sample (Avalanche
+    # then materialises its class-remapping transform). The other variants read `experience`
+    # that way, so the fast variant gets its own, never-indexed copy of the benchmark.
+    fast_bm, _ = paper_stream("paper_fmnist", data_root, sizes.epoch_samples, synthetic)
+    fast_experience = fast_bm.train_stream[0]
+
     # Gathering an experience into tensors, once per experience (outside the epoch times).
     from moe_cl.data import dataset_tensors
 
+    loader, fresh, touched = (
+        "DataLoader, chunks of 4096",
+        "moe_cl.data.dataset_tensors, dataset never indexed",
+        "moe_cl.data.dataset_tensors, dataset indexed before",
+    )
+    reps, warm = min(sizes.repeats, 3), min(sizes.warmup, 1)
     gather = measure(
-        {
-            "DataLoader, chunks of 4096": lambda: _gather_with_loader(experience.dataset),
-            "moe_cl.data.dataset_tensors": lambda: dataset_tensors(experience.dataset),
-        },
-        repeats=1,
-        warmup=0,
+        {fresh: lambda: dataset_tensors(fast_experience.dataset)},
+        repeats=reps,
+        warmup=warm,
         device=device,
     )
+    gather.update(
+        measure(
+            {
+                loader: lambda: _gather_with_loader(experience.dataset),
+                touched: lambda: dataset_tensors(experience.dataset),
+            },
+            repeats=reps,
+            warmup=warm,
+            device=device,
+        )
+    )
+    gather = {k: gather[k] for k in (loader, fresh, touched)}
 
     # Warm-up: every variant once on a small stand-in with the same batch shapes (full batches
     # and the same last partial one), so that one-time costs (lazy imports, kernel selection
@@ -639,7 +662,16 @@ def bench_epoch(
         for variant in EPOCH_VARIANTS:
             epoch_runner(variant, warm_exp, sizes, device, 1)()
 
-    runners = {v: epoch_runner(v, experience, sizes, device, epochs) for v in EPOCH_VARIANTS}
+    runners = {
+        v: epoch_runner(
+            v,
+            fast_experience if v == "MoEStrategy fast_data=True" else experience,
+            sizes,
+            device,
+            epochs,
+        )
+        for v in EPOCH_VARIANTS
+    }
     runs: dict[str, list[EpochRun]] = {v: [] for v in EPOCH_VARIANTS}
     gc.collect()
     for _ in range(sizes.epoch_repeats):
@@ -658,25 +690,24 @@ def bench_epoch(
             notes_rows[v] = f"{n / statistics.median(t):,.0f} samples/s"
         rows += rows_for(f"steady epoch (epochs 2..{epochs})", steady, base, notes_rows)
     gather_case = f"gather {n} samples into tensors"
-    rows += rows_for(gather_case, gather, "DataLoader, chunks of 4096")
+    rows += rows_for(gather_case, gather, loader)
 
     ref = steady if epochs > 1 else first
     label = "steady epoch" if epochs > 1 else "epoch 1"
     moe, plain, naive = (
-        statistics.median(ref[v])
-        for v in ("MoEStrategy fast_data=True", base, "Avalanche Naive")
+        statistics.median(ref[v]) for v in ("MoEStrategy fast_data=True", base, "Avalanche Naive")
     )
     wmoe, wplain, wnaive = (
-        statistics.median(whole[v])
-        for v in ("MoEStrategy fast_data=True", base, "Avalanche Naive")
+        statistics.median(whole[v]) for v in ("MoEStrategy fast_data=True", base, "Avalanche Naive")
     )
     targets = [
         target(f"MoEStrategy (fast) / plain loop, {label}", moe / plain, 1.15, at_most=True),
         target(f"Naive / MoEStrategy (fast), {label}", naive / moe, 1.5),
-        target("MoEStrategy (fast) / plain loop, whole train() call", wmoe / wplain, 1.15,
-               at_most=True),
+        target(
+            "MoEStrategy (fast) / plain loop, whole train() call", wmoe / wplain, 1.15, at_most=True
+        ),
         target("Naive / MoEStrategy (fast), whole train() call", wnaive / wmoe, 1.5),
-    ]  # fmt: skip
+    ]
     info = {
         "data": source,
         "samples": n,
@@ -696,7 +727,10 @@ def bench_epoch(
         "notes": [
             "speed-up < 1 means slower than the plain loop. train() includes model adaptation, "
             "gathering the experience (fast path) and creating loaders; epoch 1 also pays "
-            "first-touch allocations; steady epochs are the fair per-epoch comparison."
+            "first-touch allocations; steady epochs are the fair per-epoch comparison.",
+            "MoEStrategy fast_data=True trains on its own copy of the benchmark that nothing "
+            "has indexed: once a dataset has been read sample by sample, its gather falls back "
+            "to a per-sample DataLoader (gather rows).",
         ],
     }
 
@@ -790,13 +824,19 @@ def bench_topk(sizes: Sizes, device: torch.device, **_: Any) -> dict[str, Any]:
         rows += rows_for(f"{case}, whole model", t_whole, "dense", notes)
         rows += rows_for(f"{case}, experts only", t_exp, "dense experts")
         targets.append(
-            target(f"top-1 vs dense, {case}, whole model",
-                   _median(t_whole, "dense") / _median(t_whole, "top-1"), 2.0)
-        )  # fmt: skip
+            target(
+                f"top-1 vs dense, {case}, whole model",
+                _median(t_whole, "dense") / _median(t_whole, "top-1"),
+                2.0,
+            )
+        )
         targets.append(
-            target(f"top-1 vs dense, {case}, gate excluded",
-                   _median(t_exp, "dense experts") / _median(t_exp, "top-1 experts"), 2.0)
-        )  # fmt: skip
+            target(
+                f"top-1 vs dense, {case}, gate excluded",
+                _median(t_exp, "dense experts") / _median(t_exp, "top-1 experts"),
+                2.0,
+            )
+        )
         info[case] = {"gate_fraction_of_dense": gate_share, **stats}
     return {
         "title": "top-k vs dense inference, distilled softmax gate (eval mode, no_grad)",
@@ -827,34 +867,54 @@ def _epoch_memory_case(variant: str) -> MemoryFactory:
     return make
 
 
+def _bank_memory_case(arch_name: str, m: int, batch_attr: str, variant: str) -> MemoryFactory:
+    def make(sizes: Sizes, device: torch.device, ctx: dict[str, Any]) -> Fn:
+        batch = getattr(sizes, batch_attr)
+        return bank_cases(arch_name, m, batch, sizes.bank_chunk, device)[0][variant]
+
+    return make
+
+
+def _ls_memory_case(m: int, variant: str) -> MemoryFactory:
+    def make(sizes: Sizes, device: torch.device, ctx: dict[str, Any]) -> Fn:
+        return ls_cases(sizes.ls_batch, m, device)[0][variant]
+
+    return make
+
+
+def _topk_memory_case(arch_name: str, variant: str) -> MemoryFactory:
+    def make(sizes: Sizes, device: torch.device, ctx: dict[str, Any]) -> Fn:
+        return topk_cases(arch_name, sizes.topk_experts, sizes.topk_batch, device)[0][variant]
+
+    return make
+
+
 def _memory_cases() -> dict[str, MemoryFactory]:
     cases: dict[str, MemoryFactory] = {}
-    for arch_name, m, attr in (("mnist", 5, "bank_small_batch"), ("cifar100", 20,
-                                                                  "bank_large_batch")):
+    for arch_name, m, batch_attr in (
+        ("mnist", 5, "bank_small_batch"),
+        ("cifar100", 20, "bank_large_batch"),
+    ):
         for short, variant in (("bank", "ExpertBank"), ("loop", "loop over experts")):
-            cases[f"bank/{arch_name}/{short}"] = (
-                lambda s, d, c, a=arch_name, m=m, attr=attr, v=variant: bank_cases(
-                    a, m, getattr(s, attr), s.bank_chunk, d
-                )[0][v]
+            cases[f"bank/{arch_name}/{short}"] = _bank_memory_case(
+                arch_name, m, batch_attr, variant
             )
-    for m in (20,):
-        for short, variant in (("gram", "G G^T (sample_similarity_terms)"),
-                               ("pairs", "double loop over expert pairs")):
-            cases[f"ls/M={m}/{short}"] = lambda s, d, c, m=m, v=variant: ls_cases(
-                s.ls_batch, m, d
-            )[0][v]
+    for short, variant in (
+        ("gram", "G G^T (sample_similarity_terms)"),
+        ("pairs", "double loop over expert pairs"),
+    ):
+        cases[f"ls/M=20/{short}"] = _ls_memory_case(20, variant)
     for arch_name in ("cifar100", "cifar100_h256"):
         for variant in ("dense", "top-1"):
-            cases[f"topk/{arch_name}/{variant}"] = (
-                lambda s, d, c, a=arch_name, v=variant: topk_cases(a, s.topk_experts,
-                                                                   s.topk_batch, d)[0][v]
-            )
-    for short, variant in (("plain", "plain PyTorch loop"),
-                           ("moe_fast", "MoEStrategy fast_data=True"),
-                           ("moe_loaders", "MoEStrategy fast_data=False"),
-                           ("naive", "Avalanche Naive")):
+            cases[f"topk/{arch_name}/{variant}"] = _topk_memory_case(arch_name, variant)
+    for short, variant in (
+        ("plain", "plain PyTorch loop"),
+        ("moe_fast", "MoEStrategy fast_data=True"),
+        ("moe_loaders", "MoEStrategy fast_data=False"),
+        ("naive", "Avalanche Naive"),
+    ):
         cases[f"epoch/{short}"] = _epoch_memory_case(variant)
-    return cases  # fmt: skip
+    return cases
 
 
 MEMORY_CASES = _memory_cases()
@@ -908,20 +968,41 @@ def measure_memory_here(
             fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-        return {"case": name, "kind": "cuda_allocated", "before_mb": before, "peak_mb": peak,
-                "extra_mb": peak - before}  # fmt: skip
+        return {
+            "case": name,
+            "kind": "cuda_allocated",
+            "before_mb": before,
+            "peak_mb": peak,
+            "extra_mb": peak - before,
+        }
     before = _rss_mb()
     exact = _reset_peak_rss()
     for _ in range(runs):
         fn()
     peak = _peak_rss_mb()
-    return {"case": name, "kind": "cpu_rss" if exact else "cpu_rss_since_start",
-            "before_mb": before, "peak_mb": peak, "extra_mb": peak - before}  # fmt: skip
+    return {
+        "case": name,
+        "kind": "cpu_rss" if exact else "cpu_rss_since_start",
+        "before_mb": before,
+        "peak_mb": peak,
+        "extra_mb": peak - before,
+    }
 
 
 def _child_command(name: str, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "moe_cl.bench", "--child", name, "--device", "cpu",
-           "--preset", args.preset, "--data-root", str(args.data_root)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_cl.bench",
+        "--child",
+        name,
+        "--device",
+        "cpu",
+        "--preset",
+        args.preset,
+        "--data-root",
+        str(args.data_root),
+    ]
     return cmd + (["--synthetic"] if args.synthetic else [])
 
 
@@ -930,7 +1011,11 @@ def _run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # not oversubscribe the cores (thread count barely changes memory, it does change speed).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(
-        _child_command(name, args), capture_output=True, text=True, timeout=900, check=False,
+        _child_command(name, args),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
         env=env,
     )
     for line in reversed(proc.stdout.splitlines()):
@@ -947,8 +1032,9 @@ def bench_memory(
     if device.type == "cuda":  # in this process and cheap: every case
         results = [measure_memory_here(n, sizes, device, ctx) for n in MEMORY_CASES]
     else:  # a fresh process per case; presets may pick a few, to save the start-up time
-        names = [n for n in MEMORY_CASES if sizes.memory_cases in (None, ()) or n in
-                 sizes.memory_cases]  # fmt: skip
+        names = [
+            n for n in MEMORY_CASES if sizes.memory_cases in (None, ()) or n in sizes.memory_cases
+        ]
         workers = max(1, min(2, os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(lambda n: _run_child(n, args), names))
@@ -982,9 +1068,16 @@ def _test_accuracy(strategy: Any, test_stream: Any) -> float | None:
 
 
 def _long_run(
-    arch_name: str, bm: Any, source: str, *, epochs: int, batch: int, num_experts: int,
-    device: torch.device, augment: Callable[[Tensor], Tensor] | None,
-) -> dict[str, Any]:  # fmt: skip
+    arch_name: str,
+    bm: Any,
+    source: str,
+    *,
+    epochs: int,
+    batch: int,
+    num_experts: int,
+    device: torch.device,
+    augment: Callable[[Tensor], Tensor] | None,
+) -> dict[str, Any]:
     from moe_cl.models import MixtureOfExperts
     from moe_cl.strategies import MoEStrategy
 
@@ -1034,22 +1127,50 @@ def bench_gpu(
     from moe_cl.benchmarks import cifar_batch_augment
 
     fm_bm, fm_source = paper_stream("paper_fmnist", data_root, sizes.gpu_fmnist_samples, synthetic)
-    fmnist = _long_run("fmnist", fm_bm, fm_source, epochs=sizes.gpu_epochs, batch=512,
-                       num_experts=5, device=device, augment=None)  # fmt: skip
-    del fm_bm
-    cf_bm, cf_source = paper_stream(
-        "paper_cifar100", data_root, sizes.gpu_cifar_samples, synthetic
+    fmnist = _long_run(
+        "fmnist",
+        fm_bm,
+        fm_source,
+        epochs=sizes.gpu_epochs,
+        batch=512,
+        num_experts=5,
+        device=device,
+        augment=None,
     )
-    cifar = _long_run("cifar100", cf_bm, cf_source, epochs=1, batch=256, num_experts=20,
-                      device=device, augment=cifar_batch_augment)  # fmt: skip
+    del fm_bm
+    cf_bm, cf_source = paper_stream("paper_cifar100", data_root, sizes.gpu_cifar_samples, synthetic)
+    cifar = _long_run(
+        "cifar100",
+        cf_bm,
+        cf_source,
+        epochs=1,
+        batch=256,
+        num_experts=20,
+        device=device,
+        augment=cifar_batch_augment,
+    )
     rows = []
     for name, res in (("paper_fmnist", fmnist), ("paper_cifar100", cifar)):
         case = f"{name}, {res['epochs']} epoch(s), {res['samples_per_epoch']} samples"
-        rows.append(_row(case, "train() call", [res["train_call_s"]], None,
-                         f"{res['samples_per_s_whole_call']:,.0f} samples/s"))  # fmt: skip
+        rows.append(
+            _row(
+                case,
+                "train() call",
+                [res["train_call_s"]],
+                None,
+                f"{res['samples_per_s_whole_call']:,.0f} samples/s",
+            )
+        )
         steady = res["epoch_s"][1:] or res["epoch_s"]
-        rows.append(_row(case, "epoch (median)", steady, None,
-                         f"{res['samples_per_s_steady']:,.0f} samples/s"))  # fmt: skip
+        rows.append(
+            _row(
+                case,
+                "epoch (median)",
+                steady,
+                None,
+                f"{res['samples_per_s_steady']:,.0f} samples/s",
+            )
+        )
     return {
         "title": "paper-length runs on the fast data path (MoEStrategy, attentive gate)",
         "rows": rows,
@@ -1112,8 +1233,10 @@ def format_section(name: str, section: dict[str, Any]) -> str:
     if section["rows"]:
         width_case = max(len(r["case"]) for r in section["rows"])
         width_var = max(len(r["variant"]) for r in section["rows"])
-        head = (f"  {'case':<{width_case}}  {'variant':<{width_var}}  {'median ms':>10}  "
-                f"{'min ms':>10}  {'vs base':>8}  note")  # fmt: skip
+        head = (
+            f"  {'case':<{width_case}}  {'variant':<{width_var}}  {'median ms':>10}  "
+            f"{'min ms':>10}  {'vs base':>8}  note"
+        )
         lines += [head, "  " + "-" * (len(head) - 2)]
         last_case = None
         for r in section["rows"]:
@@ -1181,32 +1304,62 @@ def resolve_device(name: str) -> torch.device:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moe_cl.bench", description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", dest="preset", const="quick",
-                      help="smaller sizes and fewer repeats (under a minute on 2 cores)")
-    size.add_argument("--tiny", action="store_const", dest="preset", const="tiny",
-                      help="minimal sizes, one repeat (for tests)")
+    size.add_argument(
+        "--quick",
+        action="store_const",
+        dest="preset",
+        const="quick",
+        help="smaller sizes and fewer repeats (under a minute on 2 cores)",
+    )
+    size.add_argument(
+        "--tiny",
+        action="store_const",
+        dest="preset",
+        const="tiny",
+        help="minimal sizes, one repeat (for tests)",
+    )
     size.add_argument("--preset", choices=sorted(PRESETS), help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, help="timed repeats per measurement (median reported)")
-    p.add_argument("--json", type=Path, default=Path("bench_results.json"),
-                   help="where to write the results (default: bench_results.json)")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, metavar="NAME",
-                   help=f"sections to run, among {', '.join(SECTIONS)} (default: all but gpu)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=Path("bench_results.json"),
+        help="where to write the results (default: bench_results.json)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        metavar="NAME",
+        help=f"sections to run, among {', '.join(SECTIONS)} (default: all but gpu)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--data-root", type=Path, default=Path("data"),
-                   help="where data sets are (or are prepared); default: data")
-    p.add_argument("--synthetic", action="store_true",
-                   help="use synthetic tensors even where real data are present")
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=Path("data"),
+        help="where data sets are (or are prepared); default: data",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use synthetic tensors even where real data are present",
+    )
     p.add_argument("--gpu-epochs", type=int, help="epochs of paper_fmnist in the gpu section")
-    p.add_argument("--threads", type=int,
-                   help="torch intra-op threads (default: torch's own default, left alone)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's own default, left alone)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)  # one memory case, in a fresh process
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.preset = args.preset or "full"
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
-    return args  # fmt: skip
+    return args
 
 
 def sizes_for(args: argparse.Namespace) -> Sizes:
@@ -1225,7 +1378,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     sections = list(dict.fromkeys(args.only or DEFAULT_SECTIONS))
     result: dict[str, Any] = {
         "machine": machine_info(device),
-        "command": " ".join(["python -m moe_cl.bench", *sys.argv[1:]]),
+        "command": " ".join(["python -m moe_cl.bench", *args.argv]),
         "preset": args.preset,
         "sizes": asdict(sizes),
         "sections": {},
@@ -1258,9 +1411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
-    print(f"{m['date']}  {m['cpu_model']}  cpus={m['cpu_count']}  torch threads="
-          f"{m['torch_threads']}  device={m['device']}  total {result['elapsed_s']:.0f} s"
-          f"  -> {args.json}")  # fmt: skip
+    print(
+        f"{m['date']}  {m['cpu_model']}  cpus={m['cpu_count']}  torch threads="
+        f"{m['torch_threads']}  device={m['device']}  total {result['elapsed_s']:.0f} s"
+        f"  -> {args.json}"
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ slicing random permutations avoids the per-sample Python work of a ``DataLoader`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,11 +76,20 @@ def _has_transforms(node: Any) -> bool:
 
 
 def _is_transform(transform: Any) -> bool:
-    """None and Avalanche's TupleTransform of Nones do nothing."""
+    """None, Avalanche's TupleTransform of Nones and an identity class lookup do nothing."""
     if transform is None:
         return False
     parts = getattr(transform, "transforms", None)
-    return parts is None or any(p is not None for p in parts)
+    return parts is None or any(p is not None and not _identity_lookup(p) for p in parts)
+
+
+def _identity_lookup(part: Any) -> bool:
+    """Avalanche installs ``partial(lookup, mapping)`` on targets once a sample has been read;
+    benchmarks that keep the original class ids map every class to itself."""
+    if not isinstance(part, functools.partial) or getattr(part.func, "__name__", "") != "lookup":
+        return False
+    mapping = part.args[0] if part.args else None
+    return isinstance(mapping, list | tuple) and all(v == i for i, v in enumerate(mapping))
 
 
 def _leaf_rows(

@@ -89,6 +89,7 @@ class ClassMasking(MultiTaskModule):
         self.mask_unseen = mask_unseen
         # seen[t, k]: class k belongs to task t (row 0 collects every class in class-IL).
         self.register_buffer("seen", torch.zeros(1, num_classes, dtype=torch.bool))
+        self._any_seen: bool | None = None
 
     def adaptation(self, experience: CLExperience) -> None:
         super().adaptation(experience)
@@ -108,14 +109,25 @@ class ClassMasking(MultiTaskModule):
             grown[: self.seen.shape[0]] = self.seen
             self.seen = grown
         self.seen[task, classes] = True
+        self._any_seen = None
 
     def class_mask(self, task_labels: Tensor | None) -> Tensor | None:
         if self.scenario == "task" and task_labels is not None:
             labels = task_labels.clamp(max=self.seen.shape[0] - 1)
             return self.seen[labels]
-        if self.mask_unseen and bool(self.seen.any()):
+        if self.mask_unseen and self._has_seen():
             return self.seen.any(0)
         return None
+
+    def _has_seen(self) -> bool:
+        """Whether any class is known, read from the device once (not on every forward)."""
+        if self._any_seen is None:
+            self._any_seen = bool(self.seen.any())
+        return self._any_seen
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._any_seen = None
 
 
 class MixtureOfExperts(ClassMasking):

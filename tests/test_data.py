@@ -23,6 +23,19 @@ def test_tree_walk_equals_loader_on_subsets_and_concatenations():
             assert torch.equal(a, b)
 
 
+def test_fast_reading_survives_a_per_sample_read():
+    """Reading one sample makes Avalanche install an (identity) class lookup: still fast, and
+    still equal to the loader."""
+    from moe_cl.data import _has_transforms
+
+    bundle = make_benchmark("tiny", n_experiences=2, seed=2)
+    dataset = bundle.benchmark.train_stream[1].dataset
+    dataset[0]
+    assert not _has_transforms(dataset)
+    for a, b in zip(dataset_tensors(dataset), _loader_tensors(dataset), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_datasets_with_transforms_are_read_with_their_transforms():
     bundle = make_benchmark("tiny", n_experiences=2, seed=1)
     dataset = bundle.benchmark.train_stream[0].dataset.train()

@@ -1,0 +1,108 @@
+"""``python -m moe_cl.bench`` runs end to end on tiny sizes and reports what it measured.
+
+Timings here are only checked for being positive: on a shared 2-core machine nothing more is
+stable. The comparisons themselves (same weights, same L_s value, same samples per epoch) are
+checked exactly, since a benchmark comparing unequal work would be meaningless.
+"""
+
+import json
+
+import pytest
+import torch
+
+from moe_cl import bench
+
+TIMED_SECTIONS = ("bank", "ls", "epoch", "topk")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Other jobs on a 2-core machine make two intra-op threads crawl; tests need no speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory, one_thread) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    code = bench.main(
+        [
+            "--tiny",
+            "--synthetic",
+            "--device",
+            "cpu",
+            "--json",
+            str(out / "bench.json"),
+            "--data-root",
+            str(out / "data"),
+        ]
+    )
+    assert code == 0
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_json_has_machine_info_and_every_section(tiny_results):
+    machine = tiny_results["machine"]
+    for key in ("date", "cpu_count", "cpu_model", "torch_threads", "torch", "avalanche", "device"):
+        assert machine[key] not in (None, ""), key
+    assert machine["device"] == "cpu"
+    assert tiny_results["preset"] == "tiny"
+    assert tuple(tiny_results["sections"]) == bench.DEFAULT_SECTIONS
+
+
+@pytest.mark.parametrize("name", TIMED_SECTIONS)
+def test_timed_sections_have_positive_timings_and_targets(tiny_results, name):
+    section = tiny_results["sections"][name]
+    assert section["rows"]
+    for row in section["rows"]:
+        assert row["median_s"] > 0 and row["min_s"] > 0
+        assert all(t > 0 for t in row["samples_s"])
+        assert row["speedup"] is None or row["speedup"] > 0
+    assert section["targets"]
+    for t in section["targets"]:
+        assert isinstance(t["met"], bool) and t["value"] > 0
+
+
+def test_compared_variants_do_the_same_work(tiny_results):
+    sections = tiny_results["sections"]
+    for info in sections["bank"]["info"].values():
+        assert info["max_abs_diff_bank_vs_loop"] < 1e-4
+    for info in sections["ls"]["info"].values():
+        assert info["max_rel_diff"] < 1e-4
+
+
+def test_memory_section_reports_a_peak_per_case(tiny_results):
+    results = tiny_results["sections"]["memory"]["info"]["results"]
+    assert results
+    for res in results:
+        assert "error" not in res, res
+        assert res["peak_mb"] > 0 and res["extra_mb"] >= 0
+
+
+def test_every_epoch_variant_sees_the_same_samples(tiny_results):
+    info = tiny_results["sections"]["epoch"]["info"]
+    per_variant = info["samples_per_epoch"]
+    assert set(per_variant) == set(bench.EPOCH_VARIANTS)
+    for counts in per_variant.values():
+        assert counts and all(c == info["samples"] for c in counts)
+
+
+def test_plain_loop_and_strategy_epochs_see_the_same_samples():
+    # 300 samples, batch 128: two full batches and a partial one.
+    experience = bench.synthetic_benchmark(300, 20, (1, 28, 28), 10).train_stream[0]
+    cpu = torch.device("cpu")
+    plain = bench.run_plain_loop(experience, epochs=1, batch=128, device=cpu)
+    fast = bench.run_moe_strategy(experience, epochs=1, batch=128, device=cpu, fast_data=True)
+    assert plain.samples == fast.samples == [300]
+    assert len(plain.epoch_s) == len(fast.epoch_s) == 1
+
+
+def test_cli_options():
+    args = bench.parse_args(["--quick", "--only", "bank", "ls", "--repeats", "2"])
+    sizes = bench.sizes_for(args)
+    assert args.preset == "quick" and args.only == ["bank", "ls"] and sizes.repeats == 2
+    assert bench.parse_args([]).preset == "full"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--tiny"])
