@@ -310,12 +310,13 @@ def _missing_idx_message(folder: str, raw: Path, missing: Sequence[str], debian:
         msg += (
             "On Debian/Ubuntu run `apt-get install -y dataset-fashion-mnist`: moe-cl then "
             f"unpacks {debian}/*.gz into that folder automatically, with no "
-            "network. Otherwise pass download=true on a machine with network access, or copy "
-            "the four files there."
+            "network. Otherwise pass data.download=true (download=True in Python) on a "
+            "machine with network access, or copy the four files there."
         )
     else:
         msg += (
-            "Pass download=true on a machine with network access, or copy the four files "
+            "Pass data.download=true (download=True in Python) on a machine with network "
+            "access, or copy the four files "
             "there (gunzip the *.gz originals)."
         )
     return msg
@@ -422,8 +423,9 @@ def _load_cifar100(
     if missing:
         raise DataError(
             f"CIFAR-100 data not found: expected the python pickles {', '.join(_CIFAR100_FILES)} "
-            f"in {folder} (missing: {', '.join(missing)}). Pass download=true on a machine with "
-            "network access, or copy the folder extracted from cifar-100-python.tar.gz there."
+            f"in {folder} (missing: {', '.join(missing)}). Pass data.download=true "
+            "(download=True in Python) on a machine with network access, or copy the folder "
+            "extracted from cifar-100-python.tar.gz there."
         )
 
     meta = _read_pickle(folder / "meta")
