@@ -57,6 +57,9 @@ class ExpertPolicy:
             raise ValueError(f"probe_samples must be >= 1, got {self.probe_samples}")
 
 
+NO_TASK_LABELS = object()  # forward(x) without labels: one output under the class-IL mask
+
+
 class _RoutingSlot:
     """Holds the last forward pass's routing. Copies of the model (LwF's teacher, a distilled
     student) start empty: the slot holds graph tensors, which cannot be deep-copied."""
@@ -110,6 +113,26 @@ class ClassMasking(MultiTaskModule):
             self.seen = grown
         self.seen[task, classes] = True
         self._any_seen = None
+
+    def forward(self, x: Tensor, task_labels: Tensor | None | object = NO_TASK_LABELS):
+        """Log-probabilities [B, K] under the batch's class mask.
+
+        Avalanche's convention for multi-task modules: an explicit ``task_labels=None`` asks for
+        every known task's output, as a dict (LwF's distillation does this).
+        """
+        if task_labels is None:
+            tasks = range(self.seen.shape[0]) if self.scenario == "task" else [0]
+            return {t: self.predict(x, self._task_mask(t)) for t in tasks}
+        labels = None if task_labels is NO_TASK_LABELS else task_labels
+        return self.predict(x, self.class_mask(labels))
+
+    def predict(self, x: Tensor, class_mask: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _task_mask(self, task: int) -> Tensor | None:
+        if self.scenario == "task":
+            return self.seen[task]
+        return self.class_mask(None)
 
     def class_mask(self, task_labels: Tensor | None) -> Tensor | None:
         if self.scenario == "task" and task_labels is not None:
@@ -173,8 +196,8 @@ class MixtureOfExperts(ClassMasking):
     def group_sizes(self) -> list[int]:
         return [g.num_experts for g in self.core.bank.groups]
 
-    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
-        self.last_output = self.core(x, self.class_mask(task_labels))
+    def predict(self, x: Tensor, class_mask: Tensor | None) -> Tensor:
+        self.last_output = self.core(x, class_mask)
         return self.last_output.log_probs
 
     def forward_top_k(self, x: Tensor, k: int, task_labels: Tensor | None = None) -> Tensor:
@@ -280,9 +303,9 @@ class SingleExpertModel(ClassMasking):
         super().__init__(architecture, scenario, mask_unseen_classes)
         self.expert = build_single_model(self.architecture)
 
-    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
+    def predict(self, x: Tensor, class_mask: Tensor | None) -> Tensor:
         logits, _ = self.expert(x)
-        return masked_log_softmax(logits, self.class_mask(task_labels))
+        return masked_log_softmax(logits, class_mask)
 
 
 def _first_samples(

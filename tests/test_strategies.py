@@ -296,3 +296,20 @@ def test_fast_data_path_matches_the_standard_loader():
         outcomes[fast] = accuracy
     assert outcomes[True] > 0.9 and outcomes[False] > 0.9
     assert abs(outcomes[True] - outcomes[False]) < 0.1
+
+
+@pytest.mark.parametrize("scenario", ["class", "task"])
+def test_avalanche_lwf_runs_on_both_models(scenario):
+    """LwF asks a multi-task module for every task's output with task_labels=None."""
+    from avalanche.training import LwF
+
+    bundle, arch = _tiny(2, scenario=scenario)
+    for model in (SingleExpertModel(architecture=arch, scenario=scenario),
+                  MixtureOfExperts(architecture=arch, num_experts=2, scenario=scenario)):
+        strategy = LwF(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
+                       criterion=torch.nn.NLLLoss(), alpha=1.0, temperature=2.0,
+                       train_mb_size=32, train_epochs=1, evaluator=quiet_evaluator(False))
+        for exp in bundle.benchmark.train_stream:
+            strategy.train(exp)
+        outputs = model(torch.randn(3, *bundle.input_shape), None)
+        assert isinstance(outputs, dict) and all(v.shape == (3, 4) for v in outputs.values())
