@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from moe_cl.results import atomic_write_text, write_json
-from moe_cl.suite import Variant, format_mean_std, mean_std, run_suite, write_rows
+from moe_cl.suite import (
+    Variant,
+    format_mean_std,
+    mean_std,
+    parse_suite_arguments,
+    run_suite,
+    write_rows,
+)
 
 POLICIES = {
     "fixed": ("experts.policy=fixed", "model.num_experts=10"),
@@ -83,15 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=["class", "task"])
     parser.add_argument("--only", nargs="+", default=None,
                         help="run names to keep (prefix match, e.g. moe-grow naive)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default runs/compare/<benchmark>)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: tabulate the runs already finished in --out")
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    out = args.out or Path("runs") / "compare" / args.benchmark
+    args, overrides = parse_suite_arguments(parser, argv, "compare")
+    out = args.out
     chosen = [v for s in args.scenarios for v in variants(s)
               if args.only is None or v.name.startswith(tuple(args.only))]
     from moe_cl.benchmarks import DataError

@@ -26,7 +26,14 @@ import yaml
 
 from moe_cl.figures import heatmaps_side_by_side, save_figure
 from moe_cl.results import atomic_write_text, write_json
-from moe_cl.suite import Variant, format_mean_std, mean_std, run_suite, write_rows
+from moe_cl.suite import (
+    Variant,
+    format_mean_std,
+    mean_std,
+    parse_suite_arguments,
+    run_suite,
+    write_rows,
+)
 
 PAPER_BENCHMARKS = ("paper_mnist", "paper_fmnist", "paper_cifar100")
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -169,19 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--grid", action="store_true", help="also run the paper's grids")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default runs/reproduce/<benchmark>)")
     parser.epilog = ("Any key=value argument is applied to every run (keys of the mixture only "
                      "to its runs), e.g. data.root=data device=cuda.")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: tabulate the runs already finished in --out")
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args, overrides = parse_suite_arguments(parser, argv, "reproduce")
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
-    out = args.out or Path("runs") / "reproduce" / args.benchmark
+    out = args.out
     from moe_cl.benchmarks import DataError
     from moe_cl.config import ConfigError
 

@@ -7,6 +7,7 @@ it: finished runs are read back, interrupted ones resume from their checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -84,6 +85,22 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
              f"{' (done before)' if done else ''}; elapsed {time.perf_counter() - started:.0f} s,"
              f" about {eta:.0f} s left")
     return rows
+
+
+def parse_suite_arguments(parser: argparse.ArgumentParser, argv: list[str] | None,
+                          default_out: str) -> tuple[argparse.Namespace, list[str]]:
+    """The options every suite command shares: --out, --report-only, and key=value overrides
+    applied to every run."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default runs/{default_out}/<benchmark>)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the runs already finished in --out")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.out = args.out or Path("runs") / default_out / args.benchmark
+    return args, overrides
 
 
 def _applicable(base, extra: Sequence[str]) -> list[str]:
