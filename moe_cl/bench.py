@@ -481,13 +481,11 @@ def _fmnist_model(seed: int = 0) -> Any:
     return MixtureOfExperts(architecture="fmnist", gate="attentive", num_experts=5)
 
 
-def run_moe_strategy(
-    experience: Any, *, epochs: int, batch: int, device: torch.device, fast_data: bool
-) -> EpochRun:
-    """``MoEStrategy.train`` on one experience: the whole call and each epoch."""
+def _timed_moe_strategy(model: Any, *, epochs: int, batch: int, device: torch.device,
+                        **options: Any) -> tuple[Any, Any]:
+    """A quiet ``MoEStrategy`` (Adam lr 1e-3) with a per-epoch clock; returns (strategy, clock)."""
     from moe_cl.strategies import MoEStrategy
 
-    model = _fmnist_model()
     clock = _epoch_clock(device)
     strategy = MoEStrategy(
         model=model,
@@ -498,8 +496,17 @@ def run_moe_strategy(
         device=device,
         plugins=[clock],
         evaluator=_quiet_evaluator(),
-        fast_data=fast_data,
+        **options,
     )
+    return strategy, clock
+
+
+def run_moe_strategy(
+    experience: Any, *, epochs: int, batch: int, device: torch.device, fast_data: bool
+) -> EpochRun:
+    """``MoEStrategy.train`` on one experience: the whole call and each epoch."""
+    strategy, clock = _timed_moe_strategy(_fmnist_model(), epochs=epochs, batch=batch,
+                                          device=device, fast_data=fast_data)
     return _timed_train(strategy, experience, clock, device)
 
 
@@ -1079,23 +1086,11 @@ def _long_run(
     augment: Callable[[Tensor], Tensor] | None,
 ) -> dict[str, Any]:
     from moe_cl.models import MixtureOfExperts
-    from moe_cl.strategies import MoEStrategy
 
     torch.manual_seed(0)
     model = MixtureOfExperts(architecture=arch_name, gate="attentive", num_experts=num_experts)
-    clock = _epoch_clock(device)
-    strategy = MoEStrategy(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-        train_mb_size=batch,
-        train_epochs=epochs,
-        eval_mb_size=1024,
-        device=device,
-        plugins=[clock],
-        evaluator=_quiet_evaluator(),
-        batch_augment=augment,
-        fast_data=True,
-    )
+    strategy, clock = _timed_moe_strategy(model, epochs=epochs, batch=batch, device=device,
+                                          batch_augment=augment, fast_data=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = _timed_train(strategy, bm.train_stream[0], clock, device)
@@ -1294,11 +1289,13 @@ BENCHES: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
+    """The run command's device rule, as a usage error of this command."""
+    from moe_cl.experiment import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except ValueError as err:
+        raise SystemExit(f"--device {name}: {err}") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
