@@ -102,6 +102,9 @@ class ReplayConfig:
 @dataclass
 class DistillConfig:
     epochs: int = 0
+    # A finished run of the same configuration (minus distillation) whose trained model is
+    # distilled instead of training a new teacher (single-experience benchmarks).
+    teacher: str | None = None
 
 
 @dataclass
@@ -304,6 +307,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{', '.join(used)} only apply to method=moe (got {cfg.method})")
     if cfg.distill.epochs and cfg.model.gate != "attentive":
         raise ConfigError("distill.epochs needs model.gate=attentive (it distils that gate)")
+    if cfg.distill.teacher and not cfg.distill.epochs:
+        raise ConfigError("distill.teacher needs distill.epochs >= 1 (it is what gets distilled)")
 
 
 def merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:

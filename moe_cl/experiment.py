@@ -38,7 +38,7 @@ from moe_cl.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from moe_cl.config import to_yaml
+from moe_cl.config import ConfigError, load_saved, to_yaml
 from moe_cl.core.bank import count_parameters
 from moe_cl.core.zoo import Architecture, get_architecture, mlp_architecture
 from moe_cl.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
@@ -325,6 +325,12 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
     test_stream = list(bundle.benchmark.test_stream)
     n_test = len(test_stream)
     stages = [train_stream] if cfg.method == "joint" else [[e] for e in train_stream]
+    teacher_ready = bool(cfg.distill.teacher) and not state
+    if teacher_ready:
+        teacher = load_teacher(cfg, model, len(stages))
+        model.to(device)
+        echo(f"distilling the trained model of {cfg.distill.teacher}")
+        set_rng_state(teacher["rng"])  # as if its training had just ended in this process
     if state:
         load_model_state(model, state["model"])
         model.to(device)
@@ -340,9 +346,10 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
         skip = progress.epochs_done
         if epoch_checkpoints is not None:
             epoch_checkpoints.offset = skip
-        strategy.train_epochs = cfg.train.epochs - skip
-        strategy.train(stage if cfg.method == "joint" else stage[0], eval_streams=[])
-        strategy.train_epochs = cfg.train.epochs
+        if not teacher_ready:
+            strategy.train_epochs = cfg.train.epochs - skip
+            strategy.train(stage if cfg.method == "joint" else stage[0], eval_streams=[])
+            strategy.train_epochs = cfg.train.epochs
         evaluating = strategy
         if is_moe and cfg.distill.epochs:
             evaluating = distill(cfg, model, stage[0], bundle, evaluator, device)
@@ -370,6 +377,41 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
                                                 getattr(bundle, "class_names", None))
         write_json(out / "results.json", results_dict)
     return results_dict
+
+
+# What must match between a run and the teacher it distils (the rest is bookkeeping).
+TEACHER_KEYS = ("benchmark", "seed", "scenario", "data.stream", "data.max_train_samples",
+                "model", "experts", "regularizer", "train.epochs", "train.batch_size", "train.lr",
+                "train.weight_decay")
+
+
+def load_teacher(cfg: DictConfig, model: torch.nn.Module, n_stages: int) -> dict:
+    """Load the trained model of the finished run ``cfg.distill.teacher`` into ``model`` and
+    return its checkpoint; refuses a run whose training differs from this configuration's."""
+    folder = Path(cfg.distill.teacher)
+    if n_stages != 1:
+        raise ConfigError("distill.teacher works on single-experience benchmarks (paper_*); "
+                          f"{cfg.benchmark} has {n_stages} experiences")
+    results_path = folder / "results.json"
+    if not (results_path.exists() and (folder / CHECKPOINT).exists()
+            and json.loads(results_path.read_text()).get("status") == "complete"):
+        raise ConfigError(f"distill.teacher={folder}: no finished run there (expected "
+                          f"config.yaml, results.json with status complete and {CHECKPOINT})")
+    saved = load_saved(folder / "config.yaml")
+    if saved.distill.epochs:
+        raise ConfigError(f"distill.teacher={folder} is itself a distilled run")
+    differing = [key for key in TEACHER_KEYS
+                 if _plain(OmegaConf.select(saved, key)) != _plain(OmegaConf.select(cfg, key))]
+    if differing:
+        raise ConfigError(f"distill.teacher={folder} was trained with different "
+                          f"{', '.join(differing)}")
+    checkpoint = load_checkpoint(folder / CHECKPOINT)
+    load_model_state(model, checkpoint["model"])
+    return checkpoint
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def _stage_count(cfg: DictConfig, bundle: BenchmarkBundle) -> int:

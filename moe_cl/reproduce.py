@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "distilled_importance": ("strategy=attentive_importance", "distill.epochs=DISTILL"),
     "distilled_ls": ("strategy=distilled",),
 }
+# A distilled variant distils its teacher's finished run of the same seed (when there is one)
+# rather than training the same attentive model again.
+TEACHERS = {"distilled_importance": "attentive_importance", "distilled_ls": "attentive_ls"}
 DISTILL_EPOCHS = {"paper_mnist": 20, "paper_fmnist": 20, "paper_cifar100": 40}
 # The paper's grids (PAPER.md section 2).
 IMPORTANCE_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -68,20 +71,23 @@ def variants(benchmark: str, names: list[str], grid: bool) -> list[Variant]:
     out = []
     for name in names:
         argv = tuple(a.replace("DISTILL", str(DISTILL_EPOCHS[benchmark])) for a in VARIANTS[name])
-        out.append(Variant(name, argv, name))
+        teacher = TEACHERS.get(name, "")
+        out.append(Variant(name, argv, name, teacher=teacher))
         if not grid:
             continue
         if name.endswith("_importance"):
             for w in IMPORTANCE_GRID:
                 out.append(Variant(f"{name}[w={w}]", (*argv, f"regularizer.importance={w}"),
-                                   name, {"importance": w}))
+                                   name, {"importance": w},
+                                   teacher and f"{teacher}[w={w}]"))
         elif name.endswith("_ls"):
             for beta_s, beta_d in itertools.product(BETA_S[benchmark], BETA_D):
+                point = f"[bs={beta_s:g},bd={beta_d:g}]"
                 out.append(Variant(
-                    f"{name}[bs={beta_s:g},bd={beta_d:g}]",
+                    f"{name}{point}",
                     (*argv, f"regularizer.ls.beta_s={beta_s}", f"regularizer.ls.beta_d={beta_d}",
                      "regularizer.ls.scaling=reference"),
-                    name, {"beta_s": beta_s, "beta_d": beta_d}))
+                    name, {"beta_s": beta_s, "beta_d": beta_d}, teacher and f"{teacher}{point}"))
     return out
 
 

@@ -36,6 +36,8 @@ class Variant:
     argv: tuple[str, ...]
     category: str = ""
     hyperparameters: dict = field(default_factory=dict, compare=False, hash=False)
+    # A variant whose finished run of the same seed is distilled instead of training anew.
+    teacher: str = ""
 
     @property
     def group(self) -> str:
@@ -64,6 +66,9 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
         if not done:
             argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
                     "logging.interactive=false", "logging.tensorboard=false"]
+            teacher = out / variant.teacher / f"seed-{seed}"
+            if variant.teacher and _is_complete(teacher / "results.json"):
+                argv.append(f"distill.teacher={teacher}")
             cfg = compose([*argv, *_applicable(compose(argv), extra)])
             resume = (folder / "checkpoint.pt").exists()
             if folder.exists() and not resume:

@@ -21,6 +21,7 @@ def test_variants_cover_the_paper_and_expand_its_grids():
     assert [v.name for v in plain] == names
     distilled = next(v for v in plain if v.name == "distilled_importance")
     assert "distill.epochs=20" in distilled.argv
+    assert distilled.teacher == "attentive_importance"
     grid = reproduce.variants("paper_fmnist", ["moe_importance", "attentive_ls"], grid=True)
     assert len(grid) == 2 + 5 + 2 * 7
     assert all(v.group in ("moe_importance", "attentive_ls") for v in grid)
@@ -51,14 +52,18 @@ def test_aggregation_follows_the_paper_and_reports_seeds():
 def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
     write_mnist_like(tmp_path / "data", folder="FashionMNIST", n_train=300, n_test=100)
     args = ["paper_fmnist", "--seeds", "2", "--variants", "single", "moe", "attentive_ls",
-            "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'data'}", "train.epochs=1",
+            "distilled_ls", "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'data'}", "train.epochs=1",
             "distill.epochs=1", "train.batch_size=64"]
     assert reproduce.main(args) == 0
     with open(tmp_path / "out" / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 6 and {r["run"] for r in rows} == {"single", "moe", "attentive_ls"}
+    names = {"single", "moe", "attentive_ls", "distilled_ls"}
+    assert len(rows) == 8 and {r["run"] for r in rows} == names
     table = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert set(table) == {"single", "moe", "attentive_ls"}
+    assert set(table) == names
+    # The distilled model distils the attentive + L_s run of its seed instead of retraining it.
+    config = (tmp_path / "out" / "distilled_ls" / "seed-1" / "config.yaml").read_text()
+    assert f"teacher: {tmp_path / 'out' / 'attentive_ls' / 'seed-1'}" in config
     assert (tmp_path / "out" / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"
     assert "published" in (tmp_path / "out" / "table.md").read_text()
     capsys.readouterr()
@@ -67,7 +72,7 @@ def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
     results.write_text(results.read_text().replace('"complete"', '"running"'))
     assert reproduce.main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert sum("(done before)" in line for line in lines) == 5
+    assert sum("(done before)" in line for line in lines) == 7
 
 
 def test_reproduce_rejects_unknown_arguments():

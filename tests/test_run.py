@@ -92,6 +92,29 @@ def test_task_scenario_and_distilled_strategy(tmp_path):
     assert results["average_accuracy"] > 0.6
 
 
+def test_distilling_a_finished_teacher_equals_training_it_again(tmp_path, capsys):
+    one = ["benchmark=tiny", "data.n_experiences=1", "logging.figures=false"]
+    assert _run(tmp_path, *one, "strategy=attentive_ls", name="teacher")[0] == 0
+    code, full = _run(tmp_path, *one, "strategy=distilled", name="full")
+    assert code == 0
+    teacher = f"distill.teacher={tmp_path / 'teacher'}"
+    code, reused = _run(tmp_path, *one, "strategy=distilled", teacher, name="reused")
+    assert code == 0
+    assert "distilling the trained model of" in capsys.readouterr().out
+    expected = _stable(json.loads((full / "results.json").read_text()))
+    assert _stable(json.loads((reused / "results.json").read_text())) == expected
+    # A teacher that is not this run's configuration, or not a single experience, is refused.
+    for args, message in (
+        ([*one, "seed=1"], "trained with different seed"),
+        (["benchmark=tiny", "logging.figures=false"], "single-experience"),
+        ([*one, f"distill.teacher={tmp_path / 'none'}"], "no finished run there"),
+        ([*one, f"distill.teacher={full}"], "itself a distilled run"),
+    ):
+        code, out = _run(tmp_path, "strategy=distilled", teacher, *args, name="refused")
+        assert code == 2 and message in capsys.readouterr().err, message
+        assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
