@@ -76,7 +76,46 @@ def markdown(summary: dict, benchmark: str) -> str:
             else:
                 cells.append(format_mean_std(value))
         lines.append(f"| {name} | {entry['seeds']} | " + " | ".join(cells) + " |")
+    verdicts = targets(summary)
+    if verdicts:
+        lines += ["", "Targets (final average accuracy, means over seeds):", "", *verdicts]
     return "\n".join(lines) + "\n"
+
+
+def _mean(summary: dict, name: str, column: str = "average_accuracy") -> float | None:
+    value = summary.get(name, {}).get(column)
+    return value[0] if value else None
+
+
+def _best(summary: dict, names: list[str]) -> tuple[str, float] | None:
+    scored = [(n, _mean(summary, n)) for n in names]
+    scored = [(n, v) for n, v in scored if v is not None]
+    return max(scored, key=lambda item: item[1]) if scored else None
+
+
+def targets(summary: dict) -> list[str]:
+    """The issue's targets, each with its verdict and the numbers behind it (mean accuracy)."""
+    lines = []
+    for scenario in ("class", "task"):
+        moe = [n for n in summary if n.startswith("moe-") and n.endswith(f"-{scenario}")]
+        best = _best(summary, [n for n in moe if "+replay" not in n])
+        baselines = _best(summary, [f"{b}-{scenario}" for b in ("naive", "ewc", "lwf")])
+        if scenario == "class" and best and baselines:
+            verdict = "met" if best[1] > baselines[1] else "NOT met"
+            lines.append(f"- class-incremental, no replay: best MoE {best[0]} {best[1]:.3f} vs "
+                         f"best of naive/ewc/lwf {baselines[0]} {baselines[1]:.3f}: {verdict}")
+        if scenario == "task" and best:
+            verdict = "met" if best[1] >= 0.97 else "NOT met"
+            lines.append(f"- task-incremental: best MoE {best[0]} {best[1]:.3f} (target >= 0.97):"
+                         f" {verdict}")
+        with_replay = _best(summary, [n for n in moe if "+replay" in n])
+        replay = _mean(summary, f"replay-{scenario}")
+        if with_replay and replay is not None:
+            verdict = "met" if with_replay[1] >= replay else "NOT met"
+            lines.append(f"- {scenario}-incremental with replay ({REPLAY_MEMORY} samples): best "
+                         f"MoE {with_replay[0]} {with_replay[1]:.3f} vs replay {replay:.3f}: "
+                         f"{verdict}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

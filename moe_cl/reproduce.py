@@ -153,7 +153,46 @@ def markdown(table: dict, benchmark: str) -> str:
             verdict = "yes" if ok else "no"
         lines.append(f"| {name} | {entry['seeds_fixed']} | " + " | ".join(cells)
                      + f" | {_num(pub.get('test'))} | {verdict} |")
+    verdicts = targets(table)
+    if verdicts:
+        lines += ["", "Targets (means over seeds at the preset hyperparameters):", "", *verdicts]
     return "\n".join(lines) + "\n"
+
+
+def _within(entry: dict) -> bool | None:
+    stats, pub = entry["mean_std_fixed"]["test_error"], entry["published"] or {}
+    if stats is None or pub.get("test") is None:
+        return None
+    return stats[0] <= pub["test"] + 2 * pub["std"]
+
+
+def targets(table: dict) -> list[str]:
+    """The reproduction targets, each with its verdict and numbers."""
+    lines = []
+    judged = {name: _within(entry) for name, entry in table.items()}
+    judged = {name: ok for name, ok in judged.items() if ok is not None}
+    if judged:
+        missed = [name for name, ok in judged.items() if not ok]
+        met = len(judged) - len(missed)
+        lines.append(f"- mean test error within 2 published std (or better): {met} of "
+                     f"{len(judged)} variants"
+                     + (f"; NOT met by {', '.join(missed)}" if missed else ": met"))
+    if "moe" in table and "attentive_ls" in table:
+        moe, ours = table["moe"]["mean_std_fixed"], table["attentive_ls"]["mean_std_fixed"]
+        if moe["test_error"] and ours["test_error"] and moe["MI_pred"] and ours["MI_pred"]:
+            better = (ours["test_error"][0] < moe["test_error"][0]
+                      and ours["MI_pred"][0] > moe["MI_pred"][0])
+            lines.append(f"- attentive + L_s vs original MoE: test error "
+                         f"{ours['test_error'][0]:.3f} vs {moe['test_error'][0]:.3f}, I(E;Y_pred) "
+                         f"{ours['MI_pred'][0]:.3f} vs {moe['MI_pred'][0]:.3f}: "
+                         f"{'met' if better else 'NOT met'}")
+    if "moe" in table:
+        entry = table["moe"]
+        shown = entry["collapsed_runs"] > 0
+        lines.append(f"- collapse of the unregularised original MoE (H_u < {COLLAPSE_H_U} bits): "
+                     f"{entry['collapsed_runs']} of {entry['runs']} runs"
+                     f"{'' if shown else ' (not reproduced)'}")
+    return lines
 
 
 def write_heatmaps(out: Path, table: dict, rows: list[dict],

@@ -47,6 +47,9 @@ def test_aggregation_follows_the_paper_and_reports_seeds():
     assert table["moe_ls"]["seeds_fixed"] == 1
     text = reproduce.markdown(table, "paper_fmnist")
     assert "0.120 (+0.016)" in text and "| moe | 3 |" in text
+    # moe: mean 0.11 <= 0.104 + 2 * 0.006; moe_ls: 0.09 is better than published.
+    assert "within 2 published std (or better): 2 of 2 variants: met" in text
+    assert "collapse of the unregularised original MoE (H_u < 0.1 bits): 1 of 3 runs" in text
 
 
 def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
@@ -78,6 +81,21 @@ def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
 def test_reproduce_rejects_unknown_arguments():
     with pytest.raises(SystemExit):
         reproduce.main(["paper_fmnist", "--bogus"])
+
+
+def test_compare_states_each_target_with_its_numbers():
+    summary = {name: {"average_accuracy": (acc, 0.01)} for name, acc in {
+        "moe-grow_freeze-class": 0.30, "moe-grow+replay-class": 0.70, "naive-class": 0.20,
+        "ewc-class": 0.25, "lwf-class": 0.35, "replay-class": 0.75,
+        "moe-grow_freeze-task": 0.98, "naive-task": 0.90}.items()}
+    lines = compare.targets(summary)
+    assert lines == [
+        "- class-incremental, no replay: best MoE moe-grow_freeze-class 0.300 vs best of "
+        "naive/ewc/lwf lwf-class 0.350: NOT met",
+        "- class-incremental with replay (500 samples): best MoE moe-grow+replay-class 0.700 vs "
+        "replay 0.750: NOT met",
+        "- task-incremental: best MoE moe-grow_freeze-task 0.980 (target >= 0.97): met",
+    ]
 
 
 def test_compare_lists_every_strategy_and_runs_a_subset(tmp_path):
