@@ -1344,6 +1344,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--gpu-epochs", type=int, help="epochs of paper_fmnist in the gpu section")
     p.add_argument(
+        "--epoch-batch",
+        type=int,
+        help="mini-batch of the epoch section (default 512, the paper's); smaller batches "
+        "weigh per-iteration overheads more",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         help="torch intra-op threads (default: torch's own default, left alone)",
@@ -1356,6 +1362,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--repeats must be >= 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.epoch_batch is not None and args.epoch_batch < 1:
+        p.error("--epoch-batch must be >= 1")
     return args
 
 
@@ -1365,6 +1373,8 @@ def sizes_for(args: argparse.Namespace) -> Sizes:
         sizes = replace(sizes, repeats=args.repeats)
     if args.gpu_epochs is not None:
         sizes = replace(sizes, gpu_epochs=args.gpu_epochs)
+    if args.epoch_batch is not None:
+        sizes = replace(sizes, epoch_batch=args.epoch_batch)
     return sizes
 
 

@@ -104,5 +104,7 @@ def test_cli_options():
     sizes = bench.sizes_for(args)
     assert args.preset == "quick" and args.only == ["bank", "ls"] and sizes.repeats == 2
     assert bench.parse_args([]).preset == "full"
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--quick", "--tiny"])
+    assert bench.sizes_for(bench.parse_args(["--epoch-batch", "128"])).epoch_batch == 128
+    for wrong in (["--quick", "--tiny"], ["--epoch-batch", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(wrong)

@@ -55,8 +55,8 @@ def test_aggregation_follows_the_paper_and_reports_seeds():
 def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
     write_mnist_like(tmp_path / "data", folder="FashionMNIST", n_train=300, n_test=100)
     args = ["paper_fmnist", "--seeds", "2", "--variants", "single", "moe", "attentive_ls",
-            "distilled_ls", "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'data'}", "train.epochs=1",
-            "distill.epochs=1", "train.batch_size=64"]
+            "distilled_ls", "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'data'}",
+            "train.epochs=1", "distill.epochs=1", "train.batch_size=64"]
     assert reproduce.main(args) == 0
     with open(tmp_path / "out" / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
