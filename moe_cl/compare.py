@@ -1,10 +1,11 @@
 """``python -m moe_cl.compare split_fmnist --seeds 3``: MoE strategies against Avalanche's
 baselines on a continual-learning stream, class- and task-incremental.
 
-Every MoE expert policy (fixed, grow, grow with frozen old experts, grow on demand), each with
-and without L_s and with and without replay, next to Avalanche's naive, EWC, LwF, replay and
-joint training on the single-expert backbone, all with the same epochs. Writes ``runs.csv``,
-``table.json`` and ``table.md`` (mean +- std over seeds). Interrupted, it resumes.
+Every MoE expert policy (fixed, grow, grow with frozen old experts, grow on demand) with the
+attentive gate, each with and without L_s and with and without replay, and the unregularised
+original (softmax-gate) mixture with a fixed set of experts, next to Avalanche's naive, EWC,
+LwF, replay and joint training on the single-expert backbone, all with the same epochs. Writes
+``runs.csv``, ``table.json`` and ``table.md`` (mean +- std over seeds). Interrupted, it resumes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def variants(scenario: str) -> list[Variant]:
                 name = f"moe-{policy}{tag}{'+replay' if replay else ''}-{scenario}"
                 out.append(Variant(name, (f"strategy={strategy}", *argv,
                                           f"replay.mem_size={replay}", f"scenario={scenario}")))
+    # The original (softmax) gate, unregularised: the paper's collapse case, in this setting.
+    out.append(Variant(f"moe-fixed+softmax-{scenario}",
+                       ("strategy=moe", *POLICIES["fixed"], "replay.mem_size=0",
+                        f"scenario={scenario}")))
     for baseline in BASELINES:
         out.append(Variant(f"{baseline}-{scenario}",
                            (f"strategy={baseline}", f"scenario={scenario}",
