@@ -757,8 +757,10 @@ class BalancedRouting(nn.Module):
         self.inner = gate
         self.num_experts = gate.num_experts
 
-    def forward(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
-        g = self.inner(x)
+    def forward(
+        self, x: Tensor, expert_hidden: Tensor | None = None, expert_mask: Tensor | None = None
+    ) -> Tensor:
+        g = self.inner(x, None, expert_mask)
         favoured = torch.arange(len(x), device=x.device) % g.shape[-1]
         return (g + F.one_hot(favoured, g.shape[-1]).to(g.dtype)) / 2
 

@@ -71,6 +71,10 @@ class ExpertsConfig:
     freeze_old: bool = False
     threshold: float = 1.0
     probe_samples: int = 256
+    # random | copy (added experts start as copies of the busiest ones on the new experience)
+    init: str = "random"
+    # task-incremental: route each sample only among the experts added for its task
+    route_by_task: bool = False
 
 
 @dataclass
@@ -152,6 +156,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.gate": ("softmax", "attentive"),
     "model.output": ("expectation", "stochastic"),
     "experts.policy": ("fixed", "grow", "grow_on_demand"),
+    "experts.init": ("random", "copy"),
     "regularizer.ls.scaling": ("clean", "reference"),
 }
 POSITIVE = ("train.batch_size", "train.eval_batch_size", "model.num_experts",
@@ -307,6 +312,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{', '.join(used)} only apply to method=moe (got {cfg.method})")
     if cfg.distill.epochs and cfg.model.gate != "attentive":
         raise ConfigError("distill.epochs needs model.gate=attentive (it distils that gate)")
+    if cfg.experts.route_by_task and cfg.scenario != "task":
+        raise ConfigError("experts.route_by_task needs scenario=task (task labels at test time)")
     if cfg.distill.teacher and not cfg.distill.epochs:
         raise ConfigError("distill.teacher needs distill.epochs >= 1 (it is what gets distilled)")
 

@@ -113,6 +113,8 @@ def build_model(cfg: DictConfig, bundle: BenchmarkBundle) -> torch.nn.Module:
         freeze_old=cfg.experts.freeze_old,
         threshold=cfg.experts.threshold,
         probe_samples=cfg.experts.probe_samples,
+        init=cfg.experts.init,
+        route_by_task=cfg.experts.route_by_task,
     )
     return MixtureOfExperts(architecture=arch, gate=cfg.model.gate,
                             num_experts=cfg.model.num_experts, output=cfg.model.output,

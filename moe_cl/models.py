@@ -24,6 +24,8 @@ from moe_cl.core.zoo import Architecture, build_single_model, distilled_gate, ge
 from moe_cl.core.zoo import build_mixture as build_core_mixture
 
 PolicyKind = Literal["fixed", "grow", "grow_on_demand"]
+ExpertInit = Literal["random", "copy"]
+EXPERT_INITS = ("random", "copy")
 Scenario = Literal["class", "task"]
 POLICIES = ("fixed", "grow", "grow_on_demand")
 SCENARIOS = ("class", "task")
@@ -40,6 +42,13 @@ class ExpertPolicy:
     of any single expert (nats, masked to the classes known after adding the experience's ones)
     must exceed ``threshold``.
     ``freeze_old``: when experts are added, the existing ones stop training.
+    ``init``: how added experts start. ``random``: freshly initialised. ``copy``: as copies of
+    the experts the gate sends most of the new experience's probe samples to (the busiest
+    first), so that they start with the same routing score as their source instead of losing
+    to a gate that has saturated on it; they then diverge by training.
+    ``route_by_task`` (task-incremental only): a sample is routed only among the experts added
+    for its task (the initial experts belong to the first task; a task that added none may use
+    them all), so the gate cannot send a task to experts that never learnt it.
     """
 
     kind: PolicyKind = "fixed"
@@ -47,6 +56,8 @@ class ExpertPolicy:
     freeze_old: bool = False
     threshold: float = 1.0
     probe_samples: int = 256
+    init: ExpertInit = "random"
+    route_by_task: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in POLICIES:
@@ -55,6 +66,8 @@ class ExpertPolicy:
             raise ValueError(f"experts.per_experience must be >= 1, got {self.per_experience}")
         if self.probe_samples < 1:
             raise ValueError(f"probe_samples must be >= 1, got {self.probe_samples}")
+        if self.init not in EXPERT_INITS:
+            raise ValueError(f"experts.init must be one of {EXPERT_INITS}, got {self.init!r}")
 
 
 NO_TASK_LABELS = object()  # forward(x) without labels: one output under the class-IL mask
@@ -121,12 +134,16 @@ class ClassMasking(MultiTaskModule):
         every known task's output, as a dict (LwF's distillation does this).
         """
         if task_labels is None:
-            tasks = range(self.seen.shape[0]) if self.scenario == "task" else [0]
-            return {t: self.predict(x, self._task_mask(t)) for t in tasks}
+            if self.scenario != "task":
+                return {0: self.predict(x, self._task_mask(0), None)}
+            labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            return {t: self.predict(x, self._task_mask(t), labels + t)
+                    for t in range(self.seen.shape[0])}
         labels = None if task_labels is NO_TASK_LABELS else task_labels
-        return self.predict(x, self.class_mask(labels))
+        return self.predict(x, self.class_mask(labels), labels)
 
-    def predict(self, x: Tensor, class_mask: Tensor | None) -> Tensor:
+    def predict(self, x: Tensor, class_mask: Tensor | None,
+                task_labels: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def _task_mask(self, task: int) -> Tensor | None:
@@ -177,6 +194,9 @@ class MixtureOfExperts(ClassMasking):
         self.policy = policy or ExpertPolicy()
         self.growth_log: list[dict] = []
         self._trained_experiences: list[int] = []
+        # The task each expert was added for (the first experience's task for the initial ones).
+        self.expert_tasks: list[int] = [0] * self.core.num_experts
+        self._owners: Tensor | None = None
         self._routing = _RoutingSlot()
 
     @property
@@ -196,13 +216,25 @@ class MixtureOfExperts(ClassMasking):
     def group_sizes(self) -> list[int]:
         return [g.num_experts for g in self.core.bank.groups]
 
-    def predict(self, x: Tensor, class_mask: Tensor | None) -> Tensor:
-        self.last_output = self.core(x, class_mask)
+    def predict(self, x: Tensor, class_mask: Tensor | None,
+                task_labels: Tensor | None) -> Tensor:
+        self.last_output = self.core(x, class_mask, self.expert_mask(task_labels))
         return self.last_output.log_probs
 
     def forward_top_k(self, x: Tensor, k: int, task_labels: Tensor | None = None) -> Tensor:
-        self.last_output = self.core.forward_top_k(x, k, self.class_mask(task_labels))
+        self.last_output = self.core.forward_top_k(x, k, self.class_mask(task_labels),
+                                                   self.expert_mask(task_labels))
         return self.last_output.log_probs
+
+    def expert_mask(self, task_labels: Tensor | None) -> Tensor | None:
+        """With ``route_by_task`` (task-incremental): each sample may use only the experts its
+        task added (all experts when its task added none); else None (no restriction)."""
+        if not (self.policy.route_by_task and self.scenario == "task" and task_labels is not None):
+            return None
+        if self._owners is None or self._owners.device != task_labels.device:
+            self._owners = torch.tensor(self.expert_tasks, device=task_labels.device)
+        owned = self._owners[None, :] == task_labels[:, None]
+        return owned | ~owned.any(1, keepdim=True)
 
     # -- adaptation across experiences
 
@@ -212,6 +244,9 @@ class MixtureOfExperts(ClassMasking):
             return
         first = not self._trained_experiences
         self._trained_experiences.append(experience.current_experience)
+        task = experience.task_labels[0] if self.scenario == "task" else 0
+        if first:
+            self._set_expert_tasks([task] * self.num_experts)
         if first or self.policy.kind == "fixed":
             return
         entry = {"experience": experience.current_experience, "policy": self.policy.kind}
@@ -224,14 +259,46 @@ class MixtureOfExperts(ClassMasking):
             entry["reason"] = f"best-expert loss {score:.3f} > threshold {self.policy.threshold}"
         else:
             entry["reason"] = "new experience"
-        self.add_experts(self.policy.per_experience, freeze_old=self.policy.freeze_old)
-        self.growth_log.append({**entry, "added": self.policy.per_experience})
+        count = self.policy.per_experience
+        sources = self.busiest_experts(experience, count) if self.policy.init == "copy" else None
+        self.add_experts(count, freeze_old=self.policy.freeze_old, copy_from=sources, task=task)
+        if sources is not None:
+            entry["copied_from"] = sources
+        self.growth_log.append({**entry, "added": count})
 
-    def add_experts(self, count: int, *, freeze_old: bool = False) -> None:
-        """Add ``count`` experts; old parameters keep their identity (and optimizer state)."""
+    def _set_expert_tasks(self, tasks: list[int]) -> None:
+        self.expert_tasks = tasks
+        self._owners = None
+
+    def add_experts(self, count: int, *, freeze_old: bool = False,
+                    copy_from: list[int] | None = None, task: int | None = None) -> None:
+        """Add ``count`` experts; old parameters keep their identity (and optimizer state).
+        With ``copy_from`` (one expert index per new expert) the new experts start as copies;
+        ``task`` is the task they are added for (default: that of the newest experts)."""
+        if copy_from is not None and len(copy_from) != count:
+            raise ValueError(f"copy_from names {len(copy_from)} experts for {count} new ones")
+        first_new = self.num_experts
         if freeze_old:
             self.core.bank.freeze_existing()
         self.core.add_experts(count)
+        owner = self.expert_tasks[-1] if task is None else task
+        self._set_expert_tasks(self.expert_tasks + [owner] * count)
+        for offset, source in enumerate(copy_from or []):
+            self.core.copy_expert(source, first_new + offset)
+
+    @torch.no_grad()
+    def busiest_experts(self, experience: CLExperience, count: int) -> list[int]:
+        """The ``count`` experts with the most gate mass on the experience's probe samples,
+        busiest first (cycling through them when there are fewer experts than ``count``)."""
+        x, _, t = _first_samples(experience, self.policy.probe_samples, self._device())
+        was_training = self.training
+        self.eval()
+        try:
+            mass = self.core(x, self.class_mask(t)).gate.sum(0)
+        finally:
+            self.train(was_training)
+        order = mass.argsort(descending=True, stable=True).tolist()
+        return [order[i % len(order)] for i in range(count)]
 
     @torch.no_grad()
     def novelty_score(self, experience: CLExperience) -> float:
@@ -277,6 +344,7 @@ class MixtureOfExperts(ClassMasking):
             "trained_experiences": self._trained_experiences,
             "policy": asdict(self.policy),
             "seen_shape": list(self.seen.shape),
+            "expert_tasks": self.expert_tasks,
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -286,6 +354,8 @@ class MixtureOfExperts(ClassMasking):
                 group.freeze()
         self.growth_log = list(state["growth_log"])
         self._trained_experiences = list(state["trained_experiences"])
+        # Checkpoints from before task routing existed: every expert belongs to task 0.
+        self._set_expert_tasks(list(state.get("expert_tasks", [0] * self.num_experts)))
         self.seen = torch.zeros(*state["seen_shape"], dtype=torch.bool, device=self.seen.device)
 
 
@@ -303,7 +373,8 @@ class SingleExpertModel(ClassMasking):
         super().__init__(architecture, scenario, mask_unseen_classes)
         self.expert = build_single_model(self.architecture)
 
-    def predict(self, x: Tensor, class_mask: Tensor | None) -> Tensor:
+    def predict(self, x: Tensor, class_mask: Tensor | None,
+                task_labels: Tensor | None) -> Tensor:
         logits, _ = self.expert(x)
         return masked_log_softmax(logits, class_mask)
 

@@ -126,6 +126,8 @@ def test_distilling_a_finished_teacher_equals_training_it_again(tmp_path, capsys
         (["benchmark=tiny", "model.gaet=softmax"], "unknown key 'model.gaet'"),
         (["benchmark=tiny", "model.gate=linear"], "choose one of: softmax, attentive"),
         (["benchmark=tiny", "experts.policy=sometimes"], "experts.policy"),
+        (["benchmark=tiny", "experts.init=zeros"], "choose one of: random, copy"),
+        (["benchmark=tiny", "experts.route_by_task=true"], "needs scenario=task"),
         (["benchmark=tiny", "strategy=naive", "regularizer.importance=1"], "method=moe"),
         (["benchmark=tiny", "model.architecture=cifar100"], "expects inputs"),
         (["benchmark=paper_mnist"], "MNIST"),

@@ -313,3 +313,55 @@ def test_avalanche_lwf_runs_on_both_models(scenario):
             strategy.train(exp)
         outputs = model(torch.randn(3, *bundle.input_shape), None)
         assert isinstance(outputs, dict) and all(v.shape == (3, 4) for v in outputs.values())
+
+
+def test_copy_init_starts_new_experts_as_the_busiest_ones():
+    torch.manual_seed(7)
+    bundle, arch = _tiny(2)
+    model = MixtureOfExperts(architecture=arch, gate="attentive", num_experts=3,
+                             policy=ExpertPolicy("grow", per_experience=2, init="copy"))
+    _strategy(model, epochs=2).train(bundle.benchmark.train_stream[0])
+    second = bundle.benchmark.train_stream[1]
+    model.eval()
+    probe = torch.stack([second.dataset[i][0] for i in range(len(second.dataset))][:256])
+    expected = model.core(probe).gate.sum(0).argsort(descending=True)[:2].tolist()
+    busiest = model.busiest_experts(second, 2)
+    assert busiest == expected
+    x = torch.randn(8, *bundle.input_shape)
+    model.train()
+    model.adaptation(second)  # what Avalanche calls before training the experience
+    assert model.growth_log[-1]["copied_from"] == busiest and busiest[0] != busiest[1]
+    model.eval()
+    out = model.core(x)
+    for new, source in zip((3, 4), busiest, strict=True):
+        torch.testing.assert_close(out.expert_log_probs[:, new], out.expert_log_probs[:, source])
+        torch.testing.assert_close(out.gate[:, new], out.gate[:, source])
+
+
+def test_route_by_task_keeps_each_task_on_its_own_experts():
+    torch.manual_seed(8)
+    bundle, arch = _tiny(3, scenario="task")
+    policy = ExpertPolicy("grow", per_experience=1, freeze_old=True, init="copy",
+                          route_by_task=True)
+    model = MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
+    strategy = _strategy(model, epochs=6)
+    for exp in bundle.benchmark.train_stream:
+        strategy.train(exp)
+    assert model.expert_tasks == [0, 0, 1, 2]
+    results = strategy.eval(bundle.benchmark.test_stream)
+    assert [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0] > 0.9
+    model.eval()
+    x = torch.randn(6, *bundle.input_shape)
+    tasks = torch.tensor([0, 1, 2, 0, 1, 2])
+    model(x, tasks)
+    gate = model.last_output.gate
+    owned = torch.tensor(model.expert_tasks)[None, :] == tasks[:, None]
+    assert torch.all(gate[~owned] == 0) and torch.allclose(gate.sum(-1), torch.ones(6))
+    # The routing survives a checkpoint (old checkpoints without it: every expert on task 0).
+    clone = MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
+    clone.load_extra_state(model.extra_state())
+    assert clone.expert_tasks == [0, 0, 1, 2]
+    state = {k: v for k, v in model.extra_state().items() if k != "expert_tasks"}
+    clone = MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
+    clone.load_extra_state(state)
+    assert clone.expert_tasks == [0, 0, 0, 0]

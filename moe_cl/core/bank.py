@@ -205,21 +205,29 @@ class ExpertGroup(nn.Module):
         """Copy the weights of ``num_experts`` reference experts into the stacked tensors."""
         if len(experts) != self.num_experts:
             raise ValueError(f"expected {self.num_experts} reference experts, got {len(experts)}")
+        for index, expert in enumerate(experts):
+            self.load_reference(index, expert)
+
+    @torch.no_grad()
+    def load_reference(self, index: int, expert: ReferenceExpert) -> None:
+        """Overwrite expert ``index`` of this group with the weights (and BatchNorm statistics)
+        of a reference expert."""
         for idx, layer in enumerate(self.spec.layers):
-            mine = self.layers[idx]
-            theirs = [e.layers[idx] for e in experts]
+            mine, theirs = self.layers[idx], expert.layers[idx]
             match layer:
                 case Conv():
-                    mine.weight.copy_(torch.cat([t.weight for t in theirs]))
+                    rows = slice(index * layer.out_channels, (index + 1) * layer.out_channels)
+                    mine.weight[rows] = theirs.weight
                     if layer.bias:
-                        mine.bias.copy_(torch.cat([t.bias for t in theirs]))
+                        mine.bias[rows] = theirs.bias
                 case BatchNorm():
+                    rows = slice(index * layer.channels, (index + 1) * layer.channels)
                     for name in ("weight", "bias", "running_mean", "running_var"):
-                        getattr(mine, name).copy_(torch.cat([getattr(t, name) for t in theirs]))
+                        getattr(mine, name)[rows] = getattr(theirs, name)
                 case Linear():
-                    mine.weight.copy_(torch.stack([t.weight.t() for t in theirs]))
+                    mine.weight[index] = theirs.weight.t()
                     if layer.bias:
-                        mine.bias.copy_(torch.stack([t.bias for t in theirs]).unsqueeze(1))
+                        mine.bias[index, 0] = theirs.bias
 
     @torch.no_grad()
     def export_reference(self, index: int) -> ReferenceExpert:
@@ -382,6 +390,21 @@ class ExpertBank(nn.Module):
     def freeze_existing(self) -> None:
         for group in self.groups:
             group.freeze()
+
+    def locate(self, expert: int) -> tuple[ExpertGroup, int]:
+        """The group holding global expert index ``expert`` and its index in that group."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert must be in [0, {self.num_experts}), got {expert}")
+        for group, offset in zip(self.groups, self.expert_offsets(), strict=True):
+            if expert < offset + group.num_experts:
+                return group, expert - offset
+        raise AssertionError("unreachable")
+
+    def copy_expert(self, source: int, target: int) -> None:
+        """Make expert ``target`` a copy of expert ``source`` (weights and BatchNorm stats)."""
+        source_group, source_index = self.locate(source)
+        target_group, target_index = self.locate(target)
+        target_group.load_reference(target_index, source_group.export_reference(source_index))
 
     def expert_offsets(self) -> list[int]:
         offsets, total = [], 0

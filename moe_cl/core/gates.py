@@ -5,8 +5,9 @@
   vector gives a key, and g = softmax(q . k_i / sqrt(H)). It has no per-expert parameters, so new
   experts are routed to through their own keys without touching the gate.
 
-Both share the call ``gate(x, expert_hidden)``; ``needs_expert_hidden`` says whether the second
-argument is read (the softmax gate can route before any expert runs, which top-k needs).
+Both share the call ``gate(x, expert_hidden, expert_mask=None)``; the mask [B, M] limits each
+sample's routing to some experts. ``needs_expert_hidden`` says whether the second argument is
+read (the softmax gate can route before any expert runs, which top-k needs).
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ class SoftmaxGate(nn.Module):
         ref = self.heads[0].weight
         self.heads.append(nn.Linear(self.features, count).to(ref.device, ref.dtype))
 
+    @torch.no_grad()
+    def copy_expert(self, source: int, target: int) -> None:
+        """Give expert ``target`` the output row (weights and bias) of expert ``source``."""
+        (source_head, source_row), (target_head, target_row) = (
+            self._locate(source), self._locate(target))
+        target_head.weight[target_row] = source_head.weight[source_row]
+        target_head.bias[target_row] = source_head.bias[source_row]
+
+    def _locate(self, expert: int) -> tuple[nn.Linear, int]:
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert must be in [0, {self.num_experts}), got {expert}")
+        for head in self.heads:
+            if expert < head.out_features:
+                return head, expert
+            expert -= head.out_features
+        raise AssertionError("unreachable")
+
     def logits(self, x: Tensor) -> Tensor:
         z = self.network(x)
         if z.shape[-1] != self.features:
@@ -52,8 +70,9 @@ class SoftmaxGate(nn.Module):
             )
         return torch.cat([head(z) for head in self.heads], dim=-1)
 
-    def forward(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
-        return torch.softmax(self.logits(x) / self.temperature, dim=-1)
+    def forward(self, x: Tensor, expert_hidden: Tensor | None = None,
+                expert_mask: Tensor | None = None) -> Tensor:
+        return masked_softmax(self.logits(x) / self.temperature, expert_mask)
 
 
 class AttentiveGate(nn.Module):
@@ -87,10 +106,19 @@ class AttentiveGate(nn.Module):
         k = self.key(expert_hidden)  # [B, M, H]
         return torch.einsum("bh,bmh->bm", q, k) / math.sqrt(self.hidden_size)
 
-    def forward(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, expert_hidden: Tensor | None = None,
+                expert_mask: Tensor | None = None) -> Tensor:
         if expert_hidden is None:
             raise ValueError("the attentive gate needs expert_hidden [B, M, H] (the keys)")
-        return torch.softmax(self.attention_scores(x, expert_hidden), dim=-1)
+        return masked_softmax(self.attention_scores(x, expert_hidden), expert_mask)
+
+
+def masked_softmax(scores: Tensor, expert_mask: Tensor | None) -> Tensor:
+    """Softmax over the experts allowed by ``expert_mask`` ([B, M] bool; None: all); the others
+    get exactly 0. Every row must allow at least one expert."""
+    if expert_mask is not None:
+        scores = scores.masked_fill(~expert_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 Gate = SoftmaxGate | AttentiveGate

@@ -92,10 +92,20 @@ class MixtureOfExpertsCore(nn.Module):
         if not isinstance(self.gate, AttentiveGate):
             self.gate.add_experts(count)
 
-    def forward(self, x: Tensor, class_mask: Tensor | None = None) -> MoEOutput:
+    def copy_expert(self, source: int, target: int) -> None:
+        """Expert ``target`` becomes a copy of expert ``source``, routing included: the same
+        keys for the attentive gate (they come from the copied weights), the same output row
+        for the softmax gate."""
+        self.bank.copy_expert(source, target)
+        if not isinstance(self.gate, AttentiveGate):
+            self.gate.copy_expert(source, target)
+
+    def forward(self, x: Tensor, class_mask: Tensor | None = None,
+                expert_mask: Tensor | None = None) -> MoEOutput:
+        """``expert_mask`` [B, M] (bool) limits each sample's routing to some experts."""
         check_input(x, self.bank.spec.input_shape)
         logits, hidden = self.bank(x)
-        gate = self.gate(x, hidden)
+        gate = self.gate(x, hidden, expert_mask)
         expert_log_probs = masked_log_softmax(logits, class_mask)
         selected = gate.argmax(-1)
         rows = torch.arange(len(x), device=x.device)
@@ -108,7 +118,8 @@ class MixtureOfExpertsCore(nn.Module):
         return MoEOutput(log_probs, gate, expert_log_probs, hidden, selected)
 
     @torch.no_grad()
-    def forward_top_k(self, x: Tensor, k: int, class_mask: Tensor | None = None) -> MoEOutput:
+    def forward_top_k(self, x: Tensor, k: int, class_mask: Tensor | None = None,
+                      expert_mask: Tensor | None = None) -> MoEOutput:
         """Inference with only the k largest gate values: just those experts are computed."""
         if self.gate.needs_expert_hidden:
             raise ValueError(
@@ -118,7 +129,7 @@ class MixtureOfExpertsCore(nn.Module):
         if not 1 <= k <= self.num_experts:
             raise ValueError(f"k must be in [1, {self.num_experts}], got {k}")
         check_input(x, self.bank.spec.input_shape)
-        gate = self.gate(x)
+        gate = self.gate(x, None, expert_mask)
         top_values, top_experts = gate.topk(k, dim=-1)
         weights = top_values / top_values.sum(-1, keepdim=True)
         samples = torch.arange(len(x), device=x.device).repeat_interleave(k)

@@ -126,3 +126,37 @@ def test_distilled_gate_copies_network_and_freezes_experts(name):
     torch.testing.assert_close(student(x).expert_log_probs, teacher(x).expert_log_probs)
     assert student.forward_top_k(x, 1).log_probs.shape == (3, arch.num_classes)
     assert math.isclose(float(student(x).gate.sum()), 3.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "gate"), [("cifar100", "attentive"), ("fmnist", "softmax")])
+def test_copied_expert_computes_and_is_routed_like_its_source(name, gate):
+    torch.manual_seed(5)
+    arch = ARCHITECTURES[name]
+    model = build_mixture(arch, gate=gate, num_experts=3)
+    x = torch.randn(4, *arch.input_shape)
+    model.train()
+    model(x)  # BatchNorm statistics move away from their initial values
+    model.add_experts(2)
+    model.copy_expert(1, 4)  # from the first group into the second
+    model.eval()
+    out = model(x)
+    torch.testing.assert_close(out.expert_log_probs[:, 4], out.expert_log_probs[:, 1])
+    torch.testing.assert_close(out.hidden[:, 4], out.hidden[:, 1])
+    torch.testing.assert_close(out.gate[:, 4], out.gate[:, 1])
+    assert not torch.allclose(out.gate[:, 3], out.gate[:, 1])  # the other new one is fresh
+    with pytest.raises(ValueError, match=r"expert must be in \[0, 5\)"):
+        model.copy_expert(5, 0)
+
+
+def test_expert_mask_gives_masked_experts_exactly_zero():
+    torch.manual_seed(6)
+    for gate in ("attentive", "softmax"):
+        model = build_mixture(mlp_architecture((1, 4, 4), 3, num_experts=4), gate=gate)
+        x = torch.randn(2, 1, 4, 4)
+        mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
+        routed = model(x, expert_mask=mask).gate
+        free = model(x).gate
+        assert torch.all(routed[~mask] == 0)
+        # The allowed experts share the mass in the unmasked proportions.
+        torch.testing.assert_close(routed[0, [0, 2]], free[0, [0, 2]] / free[0, [0, 2]].sum())
+        torch.testing.assert_close(routed[1], torch.tensor([0.0, 0.0, 0.0, 1.0]))
