@@ -1,11 +1,13 @@
 """``python -m moe_cl.compare split_fmnist --seeds 3``: MoE strategies against Avalanche's
 baselines on a continual-learning stream, class- and task-incremental.
 
-Every MoE expert policy (fixed, grow, grow with frozen old experts, grow on demand) with the
-attentive gate, each with and without L_s and with and without replay, and the unregularised
-original (softmax-gate) mixture with a fixed set of experts, next to Avalanche's naive, EWC,
-LwF, replay and joint training on the single-expert backbone, all with the same epochs. Writes
-``runs.csv``, ``table.json`` and ``table.md`` (mean +- std over seeds). Interrupted, it resumes.
+Every MoE expert policy (fixed, grow, grow with frozen old experts, the same with added experts
+copied from the busiest ones, grow on demand; task-incremental also with each task routed to its
+own experts) with the attentive gate, each with and without L_s and with and without replay,
+and the unregularised original (softmax-gate) mixture with a fixed set of experts, next to
+Avalanche's naive, EWC, LwF, replay and joint training on the single-expert backbone, all with
+the same epochs. Writes ``runs.csv``, ``table.json`` and ``table.md`` (mean +- std over seeds).
+Interrupted, it resumes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ POLICIES = {
     "grow_on_demand": ("experts.policy=grow_on_demand", "model.num_experts=2",
                        "experts.per_experience=2"),
 }
+# Added experts start as copies of the busiest ones (against the saturated gate).
+POLICIES["grow_freeze+copy"] = (*POLICIES["grow_freeze"], "experts.init=copy")
+# Task-incremental only: each task routed among its own experts.
+TASK_POLICIES = {"grow_freeze+copy+route": (*POLICIES["grow_freeze+copy"],
+                                            "experts.route_by_task=true")}
 BASELINES = ("naive", "ewc", "lwf", "replay", "joint")
 REPLAY_MEMORY = 500
 COLUMNS = ("average_accuracy", "forgetting", "task_aware_average_accuracy", "H_s", "H_u", "MI",
@@ -39,7 +46,8 @@ COLUMNS = ("average_accuracy", "forgetting", "task_aware_average_accuracy", "H_s
 
 def variants(scenario: str) -> list[Variant]:
     out = []
-    for policy, argv in POLICIES.items():
+    policies = POLICIES | (TASK_POLICIES if scenario == "task" else {})
+    for policy, argv in policies.items():
         for strategy, tag in (("attentive", ""), ("attentive_ls", "+ls")):
             for replay in (0, REPLAY_MEMORY):
                 name = f"moe-{policy}{tag}{'+replay' if replay else ''}-{scenario}"
