@@ -40,9 +40,11 @@ MAIN_KEYS = """\
   train.epochs  train.batch_size  train.lr  train.weight_decay=auto  train.fast_data=true
   model.num_experts           model.gate=softmax|attentive model.output=expectation|stochastic
   experts.policy=fixed|grow|grow_on_demand   experts.per_experience=1   experts.freeze_old=false
-  experts.threshold=1.0       regularizer.importance=0.0
+  experts.threshold=1.0       experts.init=random|copy     experts.route_by_task=false
+  regularizer.importance=0.0
   regularizer.ls.beta_s=0     regularizer.ls.beta_d=0      regularizer.ls.scaling=clean|reference
-  replay.mem_size=0           distill.epochs=0             eval.top_k=null
+  replay.mem_size=0           distill.epochs=0             distill.teacher=RUN_FOLDER
+  eval.top_k=null
   logging.interactive=true    logging.tensorboard=true     logging.csv=true"""
 
 
