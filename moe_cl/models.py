@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from moe_cl.core.mixture import MixtureOfExpertsCore, MoEOutput, masked_log_softmax
 from moe_cl.core.zoo import Architecture, build_single_model, distilled_gate, get_architecture
 from moe_cl.core.zoo import build_mixture as build_core_mixture
+from moe_cl.data import dataset_tensors
 
 PolicyKind = Literal["fixed", "grow", "grow_on_demand"]
 ExpertInit = Literal["random", "copy"]
@@ -382,9 +383,10 @@ class SingleExpertModel(ClassMasking):
 def _first_samples(
     experience: CLExperience, count: int, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
-    loader = torch.utils.data.DataLoader(experience.dataset.eval(), batch_size=count)
-    x, y, t = next(iter(loader))[:3]
-    return x.to(device), y.to(device), t.to(device)
+    """The experience's first ``count`` samples, read without indexing the dataset sample by
+    sample (which would send the strategy's later gather down its slow path)."""
+    x, y, t = dataset_tensors(experience.dataset.eval())
+    return x[:count].to(device), y[:count].to(device), t[:count].to(device)
 
 
 def routing_output(model: nn.Module) -> MoEOutput:
