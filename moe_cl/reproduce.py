@@ -27,7 +27,9 @@ import yaml
 from moe_cl.figures import heatmaps_side_by_side, save_figure
 from moe_cl.results import atomic_write_text, write_json
 from moe_cl.suite import (
+    COLLAPSE_H_U,
     Variant,
+    collapsed,
     format_mean_std,
     mean_std,
     parse_suite_arguments,
@@ -59,7 +61,6 @@ BETA_S = {"paper_mnist": (1e-6, 1e-5), "paper_fmnist": (1e-7, 1e-6),
 COLUMNS = ("train_error", "test_error", "MI_pred", "H_s", "H_u")
 PUBLISHED_COLUMNS = {"train_error": "train", "test_error": "test", "MI_pred": "MI_pred",
                      "H_s": "H_s", "H_u": "H_u"}
-COLLAPSE_H_U = 0.1  # bits: (nearly) every sample routed to one expert
 
 
 def published(benchmark: str) -> dict:
@@ -110,8 +111,7 @@ def aggregate(rows: list[dict], benchmark: str, names: list[str]) -> dict:
             "std_test_error_all_runs": test_std[1] if test_std else None,
             "mean_std_fixed": {c: mean_std([r[c] for r in fixed]) for c in COLUMNS},
             "seeds_fixed": len(fixed),
-            "collapsed_runs": sum(1 for r in runs
-                                  if r["H_u"] is not None and r["H_u"] < COLLAPSE_H_U),
+            "collapsed_runs": collapsed(runs),
             "published": paper.get(name),
         }
         table[name] = entry

@@ -22,6 +22,7 @@ from pathlib import Path
 from moe_cl.config import compose
 from moe_cl.results import atomic_write_text, write_json
 
+COLLAPSE_H_U = 0.1  # bits: (nearly) every sample routed to one expert
 MOE_ONLY = ("regularizer.", "distill.", "experts.", "model.gate", "model.output", "eval.top_k")
 FIELDS = ("run", "category", "seed", "train_error", "test_error", "MI_pred", "MI", "H_s", "H_u",
           "average_accuracy", "forgetting", "task_aware_average_accuracy", "num_experts",
@@ -131,6 +132,11 @@ def write_rows(rows: list[dict], csv_path: Path) -> None:
     writer.writerows(rows)
     atomic_write_text(csv_path, buffer.getvalue())
     write_json(csv_path.with_suffix(".json"), rows)
+
+
+def collapsed(rows: Sequence[dict]) -> int:
+    """How many runs routed (nearly) every test sample to one expert."""
+    return sum(1 for r in rows if r.get("H_u") is not None and r["H_u"] < COLLAPSE_H_U)
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float | None] | None:
