@@ -251,8 +251,10 @@ class MixtureOfExperts(ClassMasking):
         if first or self.policy.kind == "fixed":
             return
         entry = {"experience": experience.current_experience, "policy": self.policy.kind}
+        probe = None  # one probe pass serves both the growth decision and the copy sources
         if self.policy.kind == "grow_on_demand":
-            score = self.novelty_score(experience)
+            probe = self.probe(experience)
+            score = self.novelty_score(experience, probe)
             entry.update(score=score, threshold=self.policy.threshold)
             if score <= self.policy.threshold:
                 self.growth_log.append({**entry, "added": 0, "reason": "pool fits"})
@@ -261,7 +263,9 @@ class MixtureOfExperts(ClassMasking):
         else:
             entry["reason"] = "new experience"
         count = self.policy.per_experience
-        sources = self.busiest_experts(experience, count) if self.policy.init == "copy" else None
+        sources = None
+        if self.policy.init == "copy":
+            sources = self.busiest_experts(experience, count, probe or self.probe(experience))
         self.add_experts(count, freeze_old=self.policy.freeze_old, copy_from=sources, task=task)
         if sources is not None:
             entry["copied_from"] = sources
@@ -288,36 +292,37 @@ class MixtureOfExperts(ClassMasking):
             self.core.copy_expert(source, first_new + offset)
 
     @torch.no_grad()
-    def busiest_experts(self, experience: CLExperience, count: int) -> list[int]:
-        """The ``count`` experts with the most gate mass on the experience's probe samples,
-        busiest first (cycling through them when there are fewer experts than ``count``)."""
-        x, _, t = _first_samples(experience, self.policy.probe_samples, self._device())
-        was_training = self.training
-        self.eval()
-        try:
-            mass = self.core(x, self.class_mask(t)).gate.sum(0)
-        finally:
-            self.train(was_training)
-        order = mass.argsort(descending=True, stable=True).tolist()
-        return [order[i % len(order)] for i in range(count)]
-
-    @torch.no_grad()
-    def novelty_score(self, experience: CLExperience) -> float:
-        """Mean over probe samples of the lowest single-expert cross-entropy (nats)."""
+    def probe(self, experience: CLExperience) -> tuple[MoEOutput, Tensor]:
+        """The mixture's output in eval mode on up to ``probe_samples`` samples of the
+        experience (its classes counted as known) and their labels: what growth decisions
+        read."""
         x, y, t = _first_samples(experience, self.policy.probe_samples, self._device())
         was_training = self.training
         self.eval()
         try:
             mask = self.class_mask(t)
-            if mask is not None:  # the new experience's classes count as known
+            if mask is not None:
                 mask = mask.clone()
                 mask[..., list(experience.classes_in_this_experience)] = True
-            out = self.core(x, mask)
-            rows = torch.arange(len(y), device=y.device)
-            losses = -out.expert_log_probs[rows, :, y]  # [B, M]
-            return float(losses.min(-1).values.mean())
+            return self.core(x, mask), y
         finally:
             self.train(was_training)
+
+    def busiest_experts(self, experience: CLExperience, count: int,
+                        probe: tuple[MoEOutput, Tensor] | None = None) -> list[int]:
+        """The ``count`` experts with the most gate mass on the experience's probe samples,
+        busiest first (cycling through them when there are fewer experts than ``count``)."""
+        out, _ = probe or self.probe(experience)
+        order = out.gate.sum(0).argsort(descending=True, stable=True).tolist()
+        return [order[i % len(order)] for i in range(count)]
+
+    def novelty_score(self, experience: CLExperience,
+                      probe: tuple[MoEOutput, Tensor] | None = None) -> float:
+        """Mean over probe samples of the lowest single-expert cross-entropy (nats)."""
+        out, y = probe or self.probe(experience)
+        rows = torch.arange(len(y), device=y.device)
+        losses = -out.expert_log_probs[rows, :, y]  # [B, M]
+        return float(losses.min(-1).values.mean())
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device

@@ -132,16 +132,19 @@ def test_grow_on_demand_adds_for_new_classes_and_not_for_same_distribution():
     assert model.num_experts == 2
     assert model.growth_log[0]["added"] == 0 and model.growth_log[0]["score"] < 1.0
     # New classes: no expert knows them, the best expert's loss is high, experts are added.
+    # With copied experts, the decision's probe also picks the sources.
     new = stream_from_tensors([sample([0, 1], 64), sample([2, 3], 64)], [sample([0, 1], 16)])
     model = MixtureOfExperts(architecture=arch, num_experts=2,
                              policy=ExpertPolicy("grow_on_demand", per_experience=2,
-                                                 threshold=1.0))
+                                                 threshold=1.0, init="copy"))
     strategy = _strategy(model, epochs=8)
-    for exp in new.train_stream:
-        strategy.train(exp)
+    strategy.train(new.train_stream[0])
+    expected = model.busiest_experts(new.train_stream[1], 2)
+    strategy.train(new.train_stream[1])
     assert model.num_experts == 4
     entry = model.growth_log[0]
     assert entry["added"] == 2 and entry["score"] > 1.0 and "threshold" in entry["reason"]
+    assert entry["copied_from"] == expected
 
 
 def test_task_incremental_masks_each_task_and_reaches_high_accuracy():
