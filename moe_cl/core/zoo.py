@@ -3,6 +3,12 @@
 Each :class:`Architecture` knows its expert spec, its gate network (the attentive variant and the
 original one) and the paper's default number of experts. ``mlp`` is a small generic preset for
 synthetic data and demos.
+
+Where the paper applies ReLU and then 2x2 max-pooling, the networks pool first. The two orders
+compute the same function and, with PyTorch's tie-breaking (the first maximum of a window), the
+same gradients, bit for bit; pooling first runs the ReLU (forward and backward) on a quarter of
+the values. On the CPU a training step of the CIFAR-100 mixture is 1.18x faster, the MNIST and
+Fashion-MNIST ones 1.01-1.05x (docs/performance.md). Parameter names do not change.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ class Architecture:
 def _small_image_expert(width: int, classes: int, hidden: int = 32) -> ExpertSpec:
     return ExpertSpec(
         (
-            Conv(1, 1, 3), ReLU(), MaxPool(2), Flatten(),
+            Conv(1, 1, 3), MaxPool(2), ReLU(), Flatten(),
             Linear(169, width), ReLU(),
             Linear(width, hidden), Hidden(), ReLU(),
             Linear(hidden, classes),
@@ -69,7 +75,7 @@ def _small_image_expert(width: int, classes: int, hidden: int = 32) -> ExpertSpe
 
 def _mnist_gate(kind: GateKind) -> nn.Module:
     layers: list[nn.Module] = [
-        nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Conv2d(1, 1, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
         nn.Linear(169, 128), nn.ReLU(), nn.Linear(128, 32),
     ]  # fmt: skip
     if kind == "softmax":
@@ -80,17 +86,18 @@ def _mnist_gate(kind: GateKind) -> nn.Module:
 def _fmnist_gate(kind: GateKind) -> nn.Module:
     # Both variants end with Linear(512, 32) and its ReLU.
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
         nn.Linear(1352, 512), nn.ReLU(), nn.Linear(512, 32), nn.ReLU(),
     )  # fmt: skip
 
 
 def _conv_block(c_in: int, c_out: int, batch_norm: bool) -> list:
-    """Conv(k3, p1) [BN] ReLU MaxPool, as spec layers; BN convs have no bias."""
+    """Conv(k3, p1) [BN] ReLU MaxPool, as spec layers (pool first, see the module docstring);
+    BN convs have no bias."""
     layers: list = [Conv(c_in, c_out, 3, padding=1, bias=not batch_norm)]
     if batch_norm:
         layers.append(BatchNorm(c_out))
-    return [*layers, ReLU(), MaxPool(2)]
+    return [*layers, MaxPool(2), ReLU()]
 
 
 def _cifar_expert(channels: tuple[int, int, int, int], fc: int, hidden: int) -> ExpertSpec:
@@ -116,7 +123,7 @@ def _cifar_gate(fc: int, hidden: int) -> Callable[[GateKind], nn.Module]:
             layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=not with_bn))
             if with_bn:
                 layers.append(nn.BatchNorm2d(c_out))
-            layers += [nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.MaxPool2d(2), nn.ReLU()]
             c_in = c_out
         layers += [nn.Flatten(), nn.Linear(2048, fc), nn.ReLU(), nn.Linear(fc, hidden)]
         if kind == "softmax":

@@ -163,3 +163,40 @@ def test_parameter_counts_of_the_paper_architectures():
     assert count_parameters(cifar.expert.build_reference()) == expected
     assert cifar.num_experts == 20 and cifar.hidden_size == 64
     assert ARCHITECTURES["cifar100_h256"].hidden_size == 256
+
+
+def _paper_order(modules: list) -> list:
+    """The paper's order: every (max-pool, ReLU) pair back to (ReLU, max-pool)."""
+    modules = list(modules)
+    for i in range(len(modules) - 1):
+        pool, relu = modules[i], modules[i + 1]
+        if isinstance(pool, torch.nn.MaxPool2d) and isinstance(relu, torch.nn.ReLU):
+            modules[i], modules[i + 1] = relu, pool
+    return modules
+
+
+@pytest.mark.parametrize("name", ["mnist", "fmnist", "cifar100"])
+@pytest.mark.parametrize("part", ["expert", "gate"])
+def test_pooling_before_relu_is_the_papers_network_bit_for_bit(name, part):
+    """The zoo pools before its ReLUs (faster); outputs and gradients are exactly the paper's."""
+    torch.manual_seed(0)
+    arch = ARCHITECTURES[name]
+    if part == "expert":
+        net = torch.nn.Sequential(*arch.expert.build_reference().layers)
+    else:
+        net = arch.gate_network("softmax")
+    paper = torch.nn.Sequential(*_paper_order(list(net)))
+    assert [type(m) for m in paper] != [type(m) for m in net]  # the order really differs
+    paper.load_state_dict(net.state_dict())  # same parameter names
+    # Images with a constant background: windows of equal values exercise tie-breaking.
+    x = torch.randn(16, *arch.input_shape)
+    x[:, :, :, : x.shape[-1] // 2] = 0.0
+    outs = []
+    for model in (net, paper):
+        model.train()
+        out = model(x)
+        out.square().sum().backward()
+        outs.append((out, [p.grad for p in model.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for ours, theirs in zip(outs[0][1], outs[1][1], strict=True):
+        assert torch.equal(ours, theirs)
