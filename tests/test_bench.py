@@ -73,6 +73,17 @@ def test_compared_variants_do_the_same_work(tiny_results):
         assert info["max_rel_diff"] < 1e-4
 
 
+def test_layers_section_compares_identical_networks_and_every_convolution(tiny_results):
+    section = tiny_results["sections"]["layers"]
+    assert set(section["info"]) == {"mnist mixture B=16", "fmnist mixture B=16",
+                                    "cifar100 mixture B=8"}
+    for info in section["info"].values():
+        assert info == {"layer_order_differs": True, "outputs_and_gradients_identical": True}
+    convs = {row["case"] for row in section["rows"] if " conv " in row["case"]}
+    assert len(convs) == 4
+    assert all(row["median_s"] > 0 and row["speedup"] > 0 for row in section["rows"])
+
+
 def test_memory_section_reports_a_peak_per_case(tiny_results):
     results = tiny_results["sections"]["memory"]["info"]["results"]
     assert results

@@ -7,8 +7,9 @@ synthetic data and demos.
 Where the paper applies ReLU and then 2x2 max-pooling, the networks pool first. The two orders
 compute the same function and, with PyTorch's tie-breaking (the first maximum of a window), the
 same gradients, bit for bit; pooling first runs the ReLU (forward and backward) on a quarter of
-the values. On the CPU a training step of the CIFAR-100 mixture is 1.18x faster, the MNIST and
-Fashion-MNIST ones 1.01-1.05x (docs/performance.md). Parameter names do not change.
+the values. On the CPU a training step of the CIFAR-100 mixture is 1.1-1.3x faster, those of
+the MNIST and Fashion-MNIST mixtures 1.0-1.1x (``python -m moe_cl.bench --only layers``,
+docs/performance.md). Parameter names do not change.
 """
 
 from __future__ import annotations
