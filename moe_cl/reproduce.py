@@ -55,7 +55,8 @@ TEACHERS = {"distilled_importance": "attentive_importance", "distilled_ls": "att
 DISTILL_EPOCHS = {"paper_mnist": 20, "paper_fmnist": 20, "paper_cifar100": 40}
 # The paper's grids (PAPER.md section 2).
 IMPORTANCE_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
-BETA_D = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+_DECADES = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+BETA_D = {"paper_mnist": _DECADES[1:], "paper_fmnist": _DECADES, "paper_cifar100": _DECADES}
 BETA_S = {"paper_mnist": (1e-6, 1e-5), "paper_fmnist": (1e-7, 1e-6),
           "paper_cifar100": (1e-5, 1e-4, 1e-3)}
 COLUMNS = ("train_error", "test_error", "MI_pred", "H_s", "H_u")
@@ -82,7 +83,7 @@ def variants(benchmark: str, names: list[str], grid: bool) -> list[Variant]:
                                    name, {"importance": w},
                                    teacher and f"{teacher}[w={w}]"))
         elif name.endswith("_ls"):
-            for beta_s, beta_d in itertools.product(BETA_S[benchmark], BETA_D):
+            for beta_s, beta_d in itertools.product(BETA_S[benchmark], BETA_D[benchmark]):
                 point = f"[bs={beta_s:g},bd={beta_d:g}]"
                 out.append(Variant(
                     f"{name}{point}",

@@ -26,6 +26,11 @@ def test_variants_cover_the_paper_and_expand_its_grids():
     assert len(grid) == 2 + 5 + 2 * 7
     assert all(v.group in ("moe_importance", "attentive_ls") for v in grid)
     assert any("regularizer.ls.scaling=reference" in v.argv for v in grid)
+    # PAPER.md section 2: MNIST's beta_d grid starts at 1e-6, the others' at 1e-7.
+    mnist = reproduce.variants("paper_mnist", ["attentive_ls"], grid=True)
+    assert len(mnist) == 1 + 2 * 6
+    assert not any("regularizer.ls.beta_d=1e-07" in v.argv for v in mnist)
+    assert sum("regularizer.ls.beta_d=1e-07" in v.argv for v in grid) == 2
 
 
 def test_aggregation_follows_the_paper_and_reports_seeds():
