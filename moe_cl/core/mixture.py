@@ -27,6 +27,8 @@ class MoEOutput:
     expert_log_probs: [B, M, K] log f_i(x) (None in top-k inference).
     hidden: [B, M, H] the experts' hidden vectors h_i(x) (None in top-k inference).
     selected: [B] the expert with the largest gate value.
+    selected_log_probs: [B, K] log f_selected(x), kept by top-k inference, which has no
+    ``expert_log_probs`` (None otherwise: read it from ``expert_log_probs``).
     """
 
     log_probs: Tensor
@@ -34,11 +36,13 @@ class MoEOutput:
     expert_log_probs: Tensor | None
     hidden: Tensor | None
     selected: Tensor
+    selected_log_probs: Tensor | None = None
 
     def selected_expert_prediction(self) -> Tensor:
         """Class predicted by the expert with the largest gate value (the paper's Y_pred)."""
         if self.expert_log_probs is None:
-            return self.log_probs.argmax(-1)
+            assert self.selected_log_probs is not None, "top-k outputs keep selected_log_probs"
+            return self.selected_log_probs.argmax(-1)
         rows = torch.arange(len(self.selected), device=self.selected.device)
         return self.expert_log_probs[rows, self.selected].argmax(-1)
 
@@ -137,6 +141,6 @@ class MixtureOfExpertsCore(nn.Module):
         mask = None
         if class_mask is not None:
             mask = class_mask if class_mask.dim() == 1 else class_mask[samples]
-        probs = masked_log_softmax(logits, mask).exp().view(len(x), k, -1)
-        mixture = torch.einsum("bk,bkc->bc", weights, probs)
-        return MoEOutput(torch.log(mixture + EPS), gate, None, None, top_experts[:, 0])
+        each = masked_log_softmax(logits, mask).view(len(x), k, -1)  # gate order: [:, 0] first
+        mixture = torch.einsum("bk,bkc->bc", weights, each.exp())
+        return MoEOutput(torch.log(mixture + EPS), gate, None, None, top_experts[:, 0], each[:, 0])

@@ -86,6 +86,10 @@ def test_top_k_equals_manual_mixture_of_selected_experts():
     torch.testing.assert_close(top.log_probs, torch.log(manual + EPS), atol=1e-5, rtol=1e-5)
     full = model.forward_top_k(x, model.num_experts)
     torch.testing.assert_close(full.log_probs, dense.log_probs, atol=1e-5, rtol=1e-5)
+    # Y_pred (the selected expert's own prediction) is the same in both paths, for every k.
+    for k in (1, 2, model.num_experts):
+        assert torch.equal(model.forward_top_k(x, k).selected_expert_prediction(),
+                           dense.selected_expert_prediction())
 
 
 def test_top_k_refuses_attentive_gate_and_bad_k():
