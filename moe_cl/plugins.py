@@ -1,8 +1,10 @@
 """Avalanche plugins: the paper's routing regularisers and a guard against NaN losses.
 
-They read the routing of the forward pass that just ran (``model.last_output``) and add their
-term to ``strategy.loss`` before the backward pass, so they work with any Avalanche strategy
-whose model is a :class:`~moe_cl.models.MixtureOfExperts`, next to Avalanche's own plugins.
+The regularisers keep the routing of the training forward pass (``model.last_output``, read
+in ``after_forward``) and add their term to ``strategy.loss`` before the backward pass, so they
+work with any Avalanche strategy whose model is a :class:`~moe_cl.models.MixtureOfExperts`,
+next to Avalanche's own plugins, including those that run the model again in between (LwF runs
+a multi-task model once more, with other routing, in its own ``before_backward``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,24 @@ from moe_cl.core.losses import Scaling, importance_loss, pairwise_distances, sam
 from moe_cl.models import routing_output
 
 
-class ImportanceRegularizer(SupervisedPlugin):
+class RoutingRegularizer(SupervisedPlugin):
+    """Keeps the gate of the training forward pass for a term added before the backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gate: Tensor | None = None
+
+    def after_forward(self, strategy, **kwargs) -> None:
+        self._gate = routing_output(strategy.model).gate
+
+    def training_gate(self, strategy) -> Tensor:
+        """g(x) of the current training mini-batch (released for the next iteration); the
+        model's last routing for templates that skip ``after_forward``."""
+        gate, self._gate = self._gate, None
+        return routing_output(strategy.model).gate if gate is None else gate
+
+
+class ImportanceRegularizer(RoutingRegularizer):
     """Adds L_importance = w * CV(sum_n g(x_n))^2 (Shazeer et al. 2017)."""
 
     def __init__(self, *, weight: float) -> None:
@@ -27,12 +46,10 @@ class ImportanceRegularizer(SupervisedPlugin):
         self.weight = weight
 
     def before_backward(self, strategy, **kwargs) -> None:
-        strategy.loss = strategy.loss + importance_loss(
-            routing_output(strategy.model).gate, self.weight
-        )
+        strategy.loss = strategy.loss + importance_loss(self.training_gate(strategy), self.weight)
 
 
-class SampleSimilarityRegularizer(SupervisedPlugin):
+class SampleSimilarityRegularizer(RoutingRegularizer):
     """Adds the paper's L_s: dissimilar samples should go to different experts.
 
     ``scaling="reference"`` reproduces the published numbers (only S_diff divided by B^2);
@@ -60,7 +77,7 @@ class SampleSimilarityRegularizer(SupervisedPlugin):
         self.features = features
 
     def before_backward(self, strategy, **kwargs) -> None:
-        gate = routing_output(strategy.model).gate
+        gate = self.training_gate(strategy)
         distances = pairwise_distances(
             strategy.mb_x, normalize_max=self.normalize_max, features=self.features
         )

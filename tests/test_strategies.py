@@ -21,11 +21,11 @@ from moe_cl.strategies import MoEStrategy
 from tests.helpers import quiet_evaluator, stream_from_tensors
 
 
-def _strategy(model, *, epochs=4, plugins=(), evaluator=None, **kwargs):
+def _strategy(model, *, epochs=4, plugins=(), evaluator=None, train_mb_size=32, **kwargs):
     return MoEStrategy(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
-        train_mb_size=32,
+        train_mb_size=train_mb_size,
         train_epochs=epochs,
         eval_mb_size=256,
         plugins=list(plugins),
@@ -212,6 +212,37 @@ def test_regulariser_adds_its_term_to_the_loss():
         strategy.train(bundle.benchmark.train_stream[0])
         losses.append(capture.losses[0])
     assert losses[1] > losses[0]
+
+
+def test_regularisers_use_the_training_forward_even_if_the_model_runs_again():
+    """LwF runs the model once more in its before_backward (other routing): L_s must still
+    regularise the gate of the training forward pass."""
+    from moe_cl.core.losses import pairwise_distances, sample_similarity_loss
+
+    class RunsModelAgain(SupervisedPlugin):  # placed before L_s, as a user may place LwF
+        def after_forward(self, strategy, **kwargs):
+            self.gate = strategy.model.last_output.gate.detach().clone()
+
+        def before_backward(self, strategy, **kwargs):
+            self.loss = float(strategy.loss)
+            strategy.model(torch.randn_like(strategy.mb_x), strategy.mb_task_id)
+
+    class LossAfter(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            self.loss = float(strategy.loss)
+            self.x = strategy.mb_x.detach().clone()
+
+    torch.manual_seed(5)
+    bundle, arch = _tiny(2)
+    model = MixtureOfExperts(architecture=arch, num_experts=3, gate="softmax")
+    again, after = RunsModelAgain(), LossAfter()
+    ls = SampleSimilarityRegularizer(beta_s=0.5, beta_d=2.0)
+    strategy = _strategy(model, epochs=1, plugins=[again, ls, after], train_mb_size=512)
+    strategy.train(bundle.benchmark.train_stream[0])  # one mini-batch: the whole experience
+    expected = sample_similarity_loss(again.gate, pairwise_distances(after.x), beta_s=0.5,
+                                      beta_d=2.0)
+    assert abs(float(expected)) > 1e-3
+    assert after.loss - again.loss == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
 
 
 def test_plugins_need_a_mixture():
