@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -21,9 +22,13 @@ def expectation_nll(gate: Tensor, expert_log_probs: Tensor, target: Tensor) -> T
 
 
 def stochastic_nll(gate: Tensor, expert_log_probs: Tensor, target: Tensor) -> Tensor:
-    """Jacobs et al.: -mean_n log sum_i g_i exp(-l_i / 2) with l_i = -log f_i[y_n]."""
+    """Jacobs et al.: -mean_n log sum_i g_i exp(-l_i / 2) with l_i = -log f_i[y_n].
+
+    f_i[y] is floored at eps, as the expectation loss floors the mixture: a class the model
+    masks (not seen yet) gives a large finite loss instead of an infinite one.
+    """
     rows = torch.arange(len(target), device=target.device)
-    log_f_true = expert_log_probs[rows, :, target]  # [B, M] = -l_i
+    log_f_true = expert_log_probs[rows, :, target].clamp_min(math.log(EPS))  # [B, M] = -l_i
     return -torch.logsumexp(torch.log(gate + EPS) + 0.5 * log_f_true, dim=-1).mean()
 
 

@@ -87,6 +87,11 @@ def test_expectation_and_stochastic_losses_hand_computed():
     assert float(expectation_nll(gate, f.log(), target)) == pytest.approx(expected, rel=1e-6)
     stochastic = -math.log(0.25 * math.sqrt(0.1) + 0.75 * math.sqrt(0.8))
     assert float(stochastic_nll(gate, f.log(), target)) == pytest.approx(stochastic, rel=1e-5)
+    # A masked (unseen) target class: both losses stay finite, floored at eps.
+    masked = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]).log()  # log 0 = -inf for class 1
+    assert float(expectation_nll(gate, masked, target)) == pytest.approx(-math.log(EPS))
+    floor = -math.log(0.25 * math.sqrt(EPS) + 0.75 * math.sqrt(EPS))
+    assert float(stochastic_nll(gate, masked, target)) == pytest.approx(floor, rel=1e-5)
 
 
 def test_scaling_name_is_checked():
