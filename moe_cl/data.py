@@ -7,7 +7,7 @@ slicing random permutations avoids the per-sample Python work of a ``DataLoader`
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ def dataset_tensors(dataset: Dataset, chunk: int = 4096) -> Batch:
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty")
-    if not _has_transforms(dataset):
+    if not has_transforms(dataset):
         leaves: list[tuple[Any, Tensor, Tensor]] = []
         _leaf_rows(dataset, torch.arange(n), torch.arange(n), leaves)
         if all(isinstance(leaf, TensorDataset) for leaf, _, _ in leaves):
@@ -65,28 +65,40 @@ def _gather_tensors(dataset: Any, leaves: list[tuple[Any, Tensor, Tensor]], n: i
     return x, y, tasks
 
 
-def _has_transforms(node: Any) -> bool:
-    """Whether any level of an Avalanche dataset applies a transform in its current group."""
+def has_transforms(node: Any, *, except_class_lookups: bool = False) -> bool:
+    """Whether any level of an Avalanche dataset applies a transform in its current group.
+
+    Identity class lookups never count; with ``except_class_lookups`` no class-id lookup does
+    (they remap targets deterministically, so reading such data once is enough).
+    """
+    inert = _class_lookup if except_class_lookups else _identity_lookup
     flat = getattr(node, "_flat_data", node)
     for attr in ("_transform_groups", "_frozen_transform_groups"):
         groups = getattr(flat, attr, None)
-        if groups is not None and _is_transform(groups.transform_groups.get(groups.current_group)):
+        if groups is not None and _is_transform(
+            groups.transform_groups.get(groups.current_group), inert
+        ):
             return True
-    return any(_has_transforms(child) for child in getattr(flat, "_datasets", []) or [])
+    children = getattr(flat, "_datasets", []) or []
+    return any(has_transforms(c, except_class_lookups=except_class_lookups) for c in children)
 
 
-def _is_transform(transform: Any) -> bool:
-    """None, Avalanche's TupleTransform of Nones and an identity class lookup do nothing."""
+def _is_transform(transform: Any, inert: Callable[[Any], bool]) -> bool:
+    """None and Avalanche's TupleTransform of Nones or ``inert`` parts do nothing."""
     if transform is None:
         return False
     parts = getattr(transform, "transforms", None)
-    return parts is None or any(p is not None and not _identity_lookup(p) for p in parts)
+    return parts is None or any(p is not None and not inert(p) for p in parts)
+
+
+def _class_lookup(part: Any) -> bool:
+    """Avalanche installs ``partial(lookup, mapping)`` on targets once a sample has been read."""
+    return isinstance(part, functools.partial) and getattr(part.func, "__name__", "") == "lookup"
 
 
 def _identity_lookup(part: Any) -> bool:
-    """Avalanche installs ``partial(lookup, mapping)`` on targets once a sample has been read;
-    benchmarks that keep the original class ids map every class to itself."""
-    if not isinstance(part, functools.partial) or getattr(part.func, "__name__", "") != "lookup":
+    """A class lookup of a benchmark that keeps the original class ids (every class to itself)."""
+    if not _class_lookup(part):
         return False
     mapping = part.args[0] if part.args else None
     return isinstance(mapping, list | tuple) and all(v == i for i, v in enumerate(mapping))

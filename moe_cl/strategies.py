@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from moe_cl.core.losses import stochastic_nll
-from moe_cl.data import Batch, TensorBatches, dataset_tensors
+from moe_cl.data import Batch, TensorBatches, dataset_tensors, has_transforms
 from moe_cl.models import MixtureOfExperts, routing_output
 
 
@@ -28,7 +28,9 @@ class MoEStrategy(SupervisedTemplate):
     :param batch_augment: applied to each training mini-batch on the device (e.g. CIFAR flips
         and crops), identically on the fast and the standard data path.
     :param fast_data: hold each experience as tensors on the device and batch by index
-        (falls back to Avalanche's loaders when a plugin replaces the loader, e.g. replay).
+        (falls back to Avalanche's loaders when a plugin replaces the loader, e.g. replay, and
+        for training data with transforms, whose random draws must change every epoch; use
+        ``batch_augment`` for augmentation on the fast path).
     :param eval_top_k: at evaluation, mix only the k experts with the largest gate values and
         compute only those (needs a softmax or distilled gate).
     """
@@ -90,7 +92,7 @@ class MoEStrategy(SupervisedTemplate):
 
     def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
                               persistent_workers=False, drop_last=False, **kwargs) -> None:
-        if not self.fast_data:
+        if not self.fast_data or has_transforms(self.adapted_dataset, except_class_lookups=True):
             return super().make_train_dataloader(num_workers, shuffle, pin_memory,
                                                  persistent_workers, drop_last, **kwargs)
         self.dataloader = TensorBatches(

@@ -26,14 +26,33 @@ def test_tree_walk_equals_loader_on_subsets_and_concatenations():
 def test_fast_reading_survives_a_per_sample_read():
     """Reading one sample makes Avalanche install an (identity) class lookup: still fast, and
     still equal to the loader."""
-    from moe_cl.data import _has_transforms
+    from moe_cl.data import has_transforms
 
     bundle = make_benchmark("tiny", n_experiences=2, seed=2)
     dataset = bundle.benchmark.train_stream[1].dataset
     dataset[0]
-    assert not _has_transforms(dataset)
+    assert not has_transforms(dataset)
     for a, b in zip(dataset_tensors(dataset), _loader_tensors(dataset), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_class_remapping_is_a_transform_but_a_deterministic_one():
+    """Avalanche remaps class ids (here: from zero in each experience) with a lookup on the
+    targets: reading goes through it, but the data need not be read anew every epoch."""
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+
+    from moe_cl.data import has_transforms
+
+    x, y = torch.randn(40, 3), torch.arange(40) % 4
+    data = _make_taskaware_tensor_classification_dataset(x, y, targets=y, task_labels=0)
+    bm = nc_benchmark(data, data, n_experiences=2, task_labels=True, shuffle=False,
+                      fixed_class_order=[0, 1, 2, 3], class_ids_from_zero_in_each_exp=True)
+    dataset = bm.train_stream[1].dataset
+    dataset[0]  # installs the lookup {2: 0, 3: 1}
+    assert has_transforms(dataset)
+    assert not has_transforms(dataset, except_class_lookups=True)
+    assert set(dataset_tensors(dataset)[1].tolist()) == {0, 1}
 
 
 def test_datasets_with_transforms_are_read_with_their_transforms():

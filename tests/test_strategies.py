@@ -332,6 +332,46 @@ def test_fast_data_path_matches_the_standard_loader():
     assert abs(outcomes[True] - outcomes[False]) < 0.1
 
 
+def test_random_train_transforms_are_drawn_anew_every_epoch_with_fast_data():
+    """An Avalanche benchmark with a random train transform: the fast path must not freeze one
+    draw for the whole experience (it leaves such data to Avalanche's loaders)."""
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+
+    class EpochInputs(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.epochs: list[list[float]] = []
+
+        def before_training_epoch(self, strategy, **kwargs):
+            self.epochs.append([])
+
+        def after_training_iteration(self, strategy, **kwargs):
+            self.epochs[-1] += strategy.mb_x.flatten(1).sum(1).tolist()
+
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 1, 4, 4), torch.arange(120) % 4
+    data = _make_taskaware_tensor_classification_dataset(x, y, targets=y, task_labels=0)
+    bm = nc_benchmark(data, data, n_experiences=1, task_labels=False, shuffle=False,
+                      fixed_class_order=[0, 1, 2, 3],
+                      train_transform=lambda t: t + torch.randn_like(t))
+    model = MixtureOfExperts(architecture=mlp_architecture((1, 4, 4), 4), num_experts=2)
+    inputs = EpochInputs()
+    strategy = _strategy(model, epochs=2, plugins=[inputs], fast_data=True)
+    strategy.train(bm.train_stream[0])
+    first, second = (sorted(epoch) for epoch in inputs.epochs)
+    assert len(first) == len(second) == 120
+    assert not torch.allclose(torch.tensor(first), torch.tensor(second))  # fresh noise
+    # Without transforms the fast path holds the tensors: epochs see the same samples.
+    bundle, arch = _tiny(1)
+    inputs = EpochInputs()
+    plain = MixtureOfExperts(architecture=arch, num_experts=2)
+    strategy = _strategy(plain, epochs=2, plugins=[inputs], fast_data=True)
+    strategy.train(bundle.benchmark.train_stream[0])
+    first, second = (sorted(epoch) for epoch in inputs.epochs)
+    assert torch.allclose(torch.tensor(first), torch.tensor(second))
+
+
 @pytest.mark.parametrize("scenario", ["class", "task"])
 def test_avalanche_lwf_runs_on_both_models(scenario):
     """LwF asks a multi-task module for every task's output with task_labels=None."""
