@@ -168,16 +168,14 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def model_state(model: torch.nn.Module) -> dict:
-    extra = model.extra_state() if isinstance(model, MixtureOfExperts) else {}
-    return {"state_dict": model.state_dict(), "extra": extra}
+    return {"state_dict": model.state_dict()}  # a mixture's structure is in its extra state
 
 
 def load_model_state(model: torch.nn.Module, state: dict) -> None:
-    if isinstance(model, MixtureOfExperts):
-        model.load_extra_state(state["extra"])
-    elif "seen" in state["state_dict"] and hasattr(model, "seen"):
-        model.seen = torch.zeros_like(state["state_dict"]["seen"])
-    model.load_state_dict(state["state_dict"])
+    state_dict = dict(state["state_dict"])
+    if isinstance(model, MixtureOfExperts) and "_extra_state" not in state_dict:
+        state_dict["_extra_state"] = state["extra"]  # written before the extra state moved in
+    model.load_state_dict(state_dict)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:

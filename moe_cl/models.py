@@ -166,8 +166,11 @@ class ClassMasking(MultiTaskModule):
             self._any_seen = bool(self.seen.any())
         return self._any_seen
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        saved = state_dict.get(prefix + "seen")
+        if saved is not None and saved.shape != self.seen.shape:  # task-IL: a row per task
+            self.seen = self.seen.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._any_seen = None
 
 
@@ -335,34 +338,43 @@ class MixtureOfExperts(ClassMasking):
         self.core = distilled_gate(self.core, self.architecture)
 
     def grow_to(self, group_sizes: list[int]) -> None:
-        """Recreate the expert groups of a saved model before loading its state_dict."""
+        """Add expert groups until the bank has ``group_sizes`` (a saved model's structure)."""
         current = self.group_sizes
         if current != group_sizes[: len(current)]:
             raise ValueError(f"cannot grow expert groups {current} into {group_sizes}")
         for size in group_sizes[len(current) :]:
             self.core.add_experts(size)
 
-    def extra_state(self) -> dict:
+    # The structure and history travel in the state_dict (torch's extra state), so that a plain
+    # ``state_dict()`` / ``load_state_dict()`` round trip restores a grown model.
+
+    def get_extra_state(self) -> dict:
         return {
             "group_sizes": self.group_sizes,
             "frozen_groups": [g.frozen for g in self.core.bank.groups],
             "growth_log": self.growth_log,
             "trained_experiences": self._trained_experiences,
             "policy": asdict(self.policy),
-            "seen_shape": list(self.seen.shape),
             "expert_tasks": self.expert_tasks,
         }
 
-    def load_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: dict) -> None:
         self.grow_to(list(state["group_sizes"]))
         for group, frozen in zip(self.core.bank.groups, state["frozen_groups"], strict=True):
             if frozen:
                 group.freeze()
         self.growth_log = list(state["growth_log"])
         self._trained_experiences = list(state["trained_experiences"])
-        # Checkpoints from before task routing existed: every expert belongs to task 0.
+        # Saved before task routing existed: every expert belongs to task 0.
         self._set_expert_tasks(list(state.get("expert_tasks", [0] * self.num_experts)))
-        self.seen = torch.zeros(*state["seen_shape"], dtype=torch.bool, device=self.seen.device)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Grow first, so that the saved tensors of added experts find their modules; torch then
+        # applies the (idempotent) extra state once more after this module's own tensors.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            self.set_extra_state(extra)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class SingleExpertModel(ClassMasking):

@@ -332,6 +332,39 @@ def test_fast_data_path_matches_the_standard_loader():
     assert abs(outcomes[True] - outcomes[False]) < 0.1
 
 
+def test_plain_state_dict_round_trip_restores_a_grown_model():
+    """A fresh model loads a grown one's state_dict (no helper needed) and trains on alike."""
+    torch.manual_seed(3)
+    bundle, arch = _tiny(3, scenario="task")
+    policy = ExpertPolicy("grow", per_experience=1, freeze_old=True)
+
+    def build():
+        return MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
+
+    model = build()
+    strategy = _strategy(model, epochs=1)
+    for exp in bundle.benchmark.train_stream[:2]:
+        strategy.train(exp)
+    fresh = build()
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.group_sizes == model.group_sizes and len(model.group_sizes) == 2
+    assert [g.frozen for g in fresh.core.bank.groups] == [True, False]
+    assert fresh.expert_tasks == model.expert_tasks and torch.equal(fresh.seen, model.seen)
+    x, tasks = torch.randn(6, *bundle.input_shape), torch.tensor([0, 1, 0, 1, 1, 0])
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x, tasks), fresh(x, tasks))
+    for m in (model, fresh):  # the next experience grows both alike
+        torch.manual_seed(9)
+        _strategy(m, epochs=1).train(bundle.benchmark.train_stream[2])
+    assert fresh.group_sizes == model.group_sizes and len(model.group_sizes) == 3
+    assert fresh.growth_log == model.growth_log and fresh.expert_tasks == model.expert_tasks
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x, tasks), fresh(x, tasks))
+    with pytest.raises(ValueError, match="cannot grow expert groups"):
+        MixtureOfExperts(architecture=arch, num_experts=3, scenario="task",
+                         policy=policy).load_state_dict(model.state_dict())
+
+
 def test_random_train_transforms_are_drawn_anew_every_epoch_with_fast_data():
     """An Avalanche benchmark with a random train transform: the fast path must not freeze one
     draw for the whole experience (it leaves such data to Avalanche's loaders)."""
@@ -433,9 +466,9 @@ def test_route_by_task_keeps_each_task_on_its_own_experts():
     assert torch.all(gate[~owned] == 0) and torch.allclose(gate.sum(-1), torch.ones(6))
     # The routing survives a checkpoint (old checkpoints without it: every expert on task 0).
     clone = MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
-    clone.load_extra_state(model.extra_state())
+    clone.set_extra_state(model.get_extra_state())
     assert clone.expert_tasks == [0, 0, 1, 2]
-    state = {k: v for k, v in model.extra_state().items() if k != "expert_tasks"}
+    state = {k: v for k, v in model.get_extra_state().items() if k != "expert_tasks"}
     clone = MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
-    clone.load_extra_state(state)
+    clone.set_extra_state(state)
     assert clone.expert_tasks == [0, 0, 0, 0]
