@@ -9,6 +9,7 @@ from avalanche.training import Naive
 from avalanche.training.plugins import ReplayPlugin
 
 from moe_cl.benchmarks import make_benchmark
+from moe_cl.checkpoint import load_model_state
 from moe_cl.core.zoo import mlp_architecture
 from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
 from moe_cl.plugins import (
@@ -353,6 +354,14 @@ def test_plain_state_dict_round_trip_restores_a_grown_model():
     x, tasks = torch.randn(6, *bundle.input_shape), torch.tensor([0, 1, 0, 1, 1, 0])
     model.eval(), fresh.eval()
     assert torch.equal(model(x, tasks), fresh(x, tasks))
+    # Checkpoints written before: the structure beside the state_dict, not inside it.
+    old_format = {"state_dict": {k: v for k, v in model.state_dict().items()
+                                 if k != "_extra_state"},
+                  "extra": {**model.get_extra_state(), "seen_shape": list(model.seen.shape)}}
+    from_old = build()
+    load_model_state(from_old, old_format)
+    assert from_old.group_sizes == model.group_sizes and torch.equal(from_old.seen, model.seen)
+    assert torch.equal(model(x, tasks), from_old.eval()(x, tasks))
     for m in (model, fresh):  # the next experience grows both alike
         torch.manual_seed(9)
         _strategy(m, epochs=1).train(bundle.benchmark.train_stream[2])
