@@ -12,11 +12,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 from avalanche.core import BasePlugin
+from avalanche.training.plugins import EWCPlugin
 from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from moe_cl.core.gates import AttentiveGate
 from moe_cl.core.losses import stochastic_nll
 from moe_cl.data import Batch, TensorBatches, dataset_tensors, has_transforms
 from moe_cl.models import MixtureOfExperts, routing_output
@@ -53,6 +55,7 @@ class MoEStrategy(SupervisedTemplate):
     ) -> None:
         if not isinstance(model, MixtureOfExperts):
             raise TypeError(f"model must be a moe_cl MixtureOfExperts, got {type(model).__name__}")
+        _check_online_ewc(model, plugins or [])
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -121,3 +124,15 @@ class MoEStrategy(SupervisedTemplate):
             entry = (source, tuple(t.to(self.device) for t in tensors))
             self._eval_cache[id(source)] = entry
         return entry[1]
+
+
+def _check_online_ewc(model: MixtureOfExperts, plugins: Sequence[BasePlugin]) -> None:
+    """Avalanche's online EWC pairs old and new importances by position, so parameters added
+    by growth must come last: true of the attentive gate, not of a softmax gate's new rows."""
+    online = any(isinstance(p, EWCPlugin) and p.mode == "online" for p in plugins)
+    if online and model.policy.kind != "fixed" and not isinstance(model.core.gate, AttentiveGate):
+        raise ValueError(
+            "EWCPlugin(mode='online') cannot follow a growing mixture with a softmax gate (its "
+            "new output rows sit between old parameters); use mode='separate', the attentive "
+            "gate or policy kind 'fixed'"
+        )

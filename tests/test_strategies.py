@@ -246,6 +246,26 @@ def test_regularisers_use_the_training_forward_even_if_the_model_runs_again():
     assert after.loss - again.loss == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
 
 
+def test_online_ewc_follows_a_growing_attentive_mixture_and_refuses_a_softmax_one():
+    """Avalanche's online EWC needs the parameters of added experts to come last."""
+    from avalanche.training.plugins import EWCPlugin
+
+    torch.manual_seed(2)
+    bundle, arch = _tiny(3)
+    model = MixtureOfExperts(architecture=arch, num_experts=2, policy=ExpertPolicy("grow"))
+    ewc = EWCPlugin(1.0, mode="online", decay_factor=0.5)
+    strategy = _strategy(model, epochs=1, plugins=[ewc])
+    for exp in bundle.benchmark.train_stream:
+        strategy.train(exp)
+    assert model.num_experts == 4
+    assert set(ewc.importances[2]) == {name for name, _ in model.named_parameters()}
+    softmax = MixtureOfExperts(architecture=arch, num_experts=2, gate="softmax",
+                               policy=ExpertPolicy("grow"))
+    with pytest.raises(ValueError, match="online"):
+        _strategy(softmax, plugins=[EWCPlugin(1.0, mode="online", decay_factor=0.5)])
+    _strategy(softmax, plugins=[EWCPlugin(1.0)])  # separate mode pairs by name: fine
+
+
 def test_plugins_need_a_mixture():
     bundle, arch = _tiny(2)
     model = SingleExpertModel(architecture=arch)

@@ -82,8 +82,10 @@ class MixtureOfExpertsCore(nn.Module):
                 f"num_experts of the gate ({gate.num_experts}) must equal the bank's "
                 f"({bank.num_experts})"
             )
-        self.bank = bank
+        # The gate is registered first: parameters of experts added later then come last in
+        # named_parameters(), which Avalanche's online EWC assumes of a growing model.
         self.gate = gate
+        self.bank = bank
         self.output = output
 
     @property
