@@ -160,7 +160,7 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as err:  # noqa: BLE001 - every unreadable file gets the same clear error
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or unsafe and was not loaded ({first[:200]})"
+            f"checkpoint {path} is corrupt or unsafe and was not loaded ({first})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a moe-cl checkpoint (format {FORMAT})")
@@ -175,7 +175,14 @@ def load_model_state(model: torch.nn.Module, state: dict) -> None:
     state_dict = dict(state["state_dict"])
     if isinstance(model, MixtureOfExperts) and "_extra_state" not in state_dict:
         state_dict["_extra_state"] = state["extra"]  # written before the extra state moved in
-    model.load_state_dict(state_dict)
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as err:
+        detail = " ".join(str(err).split())
+        raise CheckpointError(
+            "the saved model does not fit the run's settings (was config.yaml edited?): "
+            f"{detail[:300]}{'...' if len(detail) > 300 else ''}"
+        ) from None
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:

@@ -8,6 +8,7 @@ and ranges it cannot express are checked in :func:`validate`. Every problem beco
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("train.batch_size", "train.eval_batch_size", "model.num_experts",
             "experts.per_experience", "experts.probe_samples", "data.n_experiences",
             "model.mlp_width", "model.mlp_hidden")
-NON_NEGATIVE = ("train.epochs", "train.lr", "regularizer.importance", "regularizer.ls.beta_s",
+NON_NEGATIVE = ("train.epochs", "regularizer.importance", "regularizer.ls.beta_s",
                 "regularizer.ls.beta_d", "replay.mem_size", "distill.epochs",
-                "train.checkpoint_every_epochs", "baseline.ewc_lambda", "baseline.lwf_alpha")
+                "train.checkpoint_every_epochs", "baseline.ewc_lambda", "baseline.lwf_alpha",
+                "experts.threshold")
+ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature")
+# Keys only some methods read (prefixes). Setting one on the command line for another method
+# is a usage error: it would be ignored silently. Keys no method owns apply to all.
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "moe": ("model.num_experts", "model.gate", "model.output", "experts.", "regularizer.",
+            "distill.", "eval.top_k", "replay."),
+    "replay": ("replay.",),
+    "ewc": ("baseline.ewc_lambda",),
+    "lwf": ("baseline.lwf_alpha", "baseline.lwf_temperature"),
+}
+MAX_SEED = 2**32 - 1  # numpy's limit; Avalanche seeds numpy, random and torch alike
+
+
+def key_applies(method: str, key: str) -> bool:
+    """Whether ``method`` reads the configuration key ``key`` (a dotted name)."""
+    owners = [m for m, prefixes in METHOD_KEYS.items() if key.startswith(prefixes)]
+    return not owners or method in owners
 
 
 # ----------------------------------------------------------------------------- presets
@@ -232,6 +251,10 @@ def split_arguments(argv: list[str]) -> tuple[str, str, list[str]]:
 def compose(argv: list[str]) -> DictConfig:
     """The resolved, validated configuration of ``benchmark=.. strategy=.. key=value ...``."""
     benchmark, strategy, overrides = split_arguments(argv)
+    for key in (a.split("=", 1)[0] for a in overrides):
+        if _valid_keys(key):
+            raise ConfigError(f"{key} is a section, not a value; set its keys, e.g. "
+                              f"{key}.{_valid_keys(key)[0]}=...")
     schema = OmegaConf.structured(RunConfig)
     strategy_preset = load_preset("strategy", strategy)
     per_benchmark = strategy_preset.pop(BY_BENCHMARK, None) or {}
@@ -255,8 +278,34 @@ def compose(argv: list[str]) -> DictConfig:
             raise ConfigError(f"{origin}: {_describe_merge_error(err)}") from None
     cfg.benchmark = benchmark
     cfg.strategy = strategy
+    _resolve(cfg)
+    ignored = [a.split("=", 1)[0] for a in overrides
+               if not key_applies(cfg.method, a.split("=", 1)[0])]
+    if ignored:
+        verb = "does" if len(ignored) == 1 else "do"
+        raise ConfigError(f"{', '.join(ignored)} {verb} not apply to method={cfg.method} "
+                          f"(strategy={strategy}) and would be ignored")
     validate(cfg)
     return cfg
+
+
+def reject_repeated_keys(argv: list[str]) -> None:
+    """A key given twice on one command line is a mistake, not a choice of the last value."""
+    seen: dict[str, str] = {}
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if key in seen and "=" in arg:
+            raise ConfigError(f"{key} is given twice ({seen[key]} and {arg}); keep one")
+        seen[key] = arg
+
+
+def _resolve(cfg: DictConfig) -> None:
+    """Resolve ${...} interpolations now, so a broken one is a one-line usage error."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{key + ': ' if key else ''}{_one_line(err)}") from None
 
 
 def _one_line(err: Exception) -> str:
@@ -287,17 +336,20 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for keys, lowest, strict in ((POSITIVE, 1, False), (NON_NEGATIVE, 0, False),
+                                 (ABOVE_ZERO, 0, True)):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if not math.isfinite(value) or value < lowest or (strict and value == lowest):
+                bound = f"> {lowest}" if strict else f">= {lowest}"
+                raise ConfigError(f"{key} must be a finite number {bound}, got {value}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     wd = cfg.train.weight_decay
-    if wd != "auto" and (isinstance(wd, bool) or not isinstance(wd, int | float) or wd < 0):
+    if wd != "auto" and (isinstance(wd, bool) or not isinstance(wd, int | float)
+                         or not math.isfinite(wd) or wd < 0):
         raise ConfigError(f"train.weight_decay must be 'auto' or a number >= 0, got {wd!r}")
-    if cfg.eval.top_k is not None and not 1 <= cfg.eval.top_k <= 10_000:
-        raise ConfigError(f"eval.top_k must be a positive integer, got {cfg.eval.top_k}")
+    _validate_top_k(cfg)
     if not isinstance(cfg.resume, bool | str):
         raise ConfigError(f"resume must be true/false or a run folder, got {cfg.resume!r}")
     if cfg.method != "moe":
@@ -312,10 +364,25 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{', '.join(used)} only apply to method=moe (got {cfg.method})")
     if cfg.distill.epochs and cfg.model.gate != "attentive":
         raise ConfigError("distill.epochs needs model.gate=attentive (it distils that gate)")
+    if cfg.data.stream.startswith("paper_") and cfg.data.n_experiences != 1:
+        raise ConfigError(f"{cfg.data.stream} is one experience (the paper's setting); "
+                          f"data.n_experiences={cfg.data.n_experiences} would be ignored")
     if cfg.experts.route_by_task and cfg.scenario != "task":
         raise ConfigError("experts.route_by_task needs scenario=task (task labels at test time)")
     if cfg.distill.teacher and not cfg.distill.epochs:
         raise ConfigError("distill.teacher needs distill.epochs >= 1 (it is what gets distilled)")
+
+
+def _validate_top_k(cfg: DictConfig) -> None:
+    top_k = cfg.eval.top_k
+    if top_k is None:
+        return
+    if not 1 <= top_k <= cfg.model.num_experts:
+        raise ConfigError(f"eval.top_k must be in [1, model.num_experts={cfg.model.num_experts}]"
+                          f", got {top_k}")
+    if cfg.model.gate == "attentive" and not cfg.distill.epochs:
+        raise ConfigError("eval.top_k needs a gate that routes before the experts run: "
+                          "model.gate=softmax, or distill.epochs >= 1 (the distilled gate)")
 
 
 def merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -335,6 +402,9 @@ def to_yaml(cfg: DictConfig) -> str:
 def load_saved(path: Path) -> DictConfig:
     """A run folder's config.yaml, checked against the schema."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+        saved = OmegaConf.load(path)
+        if not isinstance(saved, DictConfig) or "method" not in saved:
+            raise ConfigError(f"{path} does not hold a run's settings (empty or cut short?)")
+        return OmegaConf.merge(OmegaConf.structured(RunConfig), saved)
     except (OSError, OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read {path}: {_one_line(err)}") from None

@@ -300,7 +300,7 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
         log_dir = out / "logs" / f"resumed-exp{progress.completed:02d}-epoch{progress.epochs_done}"
     if progress.completed and progress.completed >= _stage_count(cfg, bundle):
         echo(f"{out} is already complete")
-        return json.loads((out / "results.json").read_text())
+        return _finished_results(cfg, out, bundle, model, state, device)
     is_moe = isinstance(model, MixtureOfExperts)
     evaluator = build_evaluator(cfg, log_dir, routing=is_moe)
     strategy = build_strategy(cfg, model, optimizer, plugins, evaluator, bundle, device)
@@ -379,6 +379,30 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
                                                 getattr(bundle, "class_names", None))
         write_json(out / "results.json", results_dict)
     return results_dict
+
+
+def _finished_results(cfg: DictConfig, out: Path, bundle: BenchmarkBundle,
+                      model: torch.nn.Module, state: dict, device: torch.device) -> dict:
+    """results.json of a finished run; rebuilt from the checkpoint when the file is missing or
+    unreadable, and its figures drawn when a kill came between the two (both written last)."""
+    path = out / "results.json"
+    progress = Progress(**state["progress"])
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        load_model_state(model, state["model"])
+        if isinstance(model, MixtureOfExperts) and cfg.distill.epochs:
+            model = copy.deepcopy(model)
+            model.distill_gate()  # the evaluated model: the same experts, the distilled gate
+        results = _results(cfg, bundle, progress, model, device, complete=True,
+                           n_train=len(bundle.benchmark.train_stream))
+        write_json(path, results)
+    if cfg.logging.figures and "figures" not in results:
+        results["figures"] = write_figures(out, progress.routing_history,
+                                           progress.accuracy_matrix,
+                                           getattr(bundle, "class_names", None))
+        write_json(path, results)
+    return results
 
 
 # What must match between a run and the teacher it distils (the rest is bookkeeping).

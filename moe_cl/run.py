@@ -7,12 +7,14 @@ corrupt data, unusable checkpoint); 3 training stopped on a NaN or infinite loss
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from moe_cl.benchmarks import DataError
 from moe_cl.checkpoint import CheckpointError
@@ -25,6 +27,7 @@ from moe_cl.config import (
     merge_overrides,
     preset_description,
     preset_names,
+    reject_repeated_keys,
     to_yaml,
 )
 from moe_cl.plugins import NonFiniteLossError
@@ -116,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     created: Path | None = None
     out = Path(".")
     try:
-        resume_only = any(a.startswith("resume=") for a in argv) and all(
-            a.startswith(RESUME_KEYS) for a in argv)
+        reject_repeated_keys(argv)
+        resume_only = _asks_to_resume(argv) and all(a.startswith(RESUME_KEYS) for a in argv)
         cfg = None if resume_only else compose(argv)
         if resume_only or (cfg is not None and cfg.resume not in (False, "false")):
             probe = cfg if cfg is not None else _resume_probe(argv)
@@ -129,14 +132,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg, resume = merge_overrides(saved, logging), True
         else:
             out, resume = _run_folder(cfg), False
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"out_dir {out} is a file, not a folder")
             if out.exists() and any(out.iterdir()):
                 raise ConfigError(f"out_dir {out} is not empty; choose another, or resume=true")
         from moe_cl.experiment import build_benchmark, print_summary, run_experiment
 
         bundle = build_benchmark(cfg)  # data errors surface before any folder is made
         if not out.exists():
-            out.mkdir(parents=True)
+            try:
+                out.mkdir(parents=True)
+            except OSError as err:
+                raise ConfigError(f"cannot create the run folder {out}: {err.strerror}") from None
             created = out
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"the run folder {out} is not writable")
         print(f"run folder: {out}")
         results = run_experiment(cfg, out, resume=resume, bundle=bundle)
         print_summary(results)
@@ -166,13 +176,27 @@ def _mark_failed(out: Path, message: str) -> None:
         write_json(path, results)
 
 
+def _resume_value(argv: list[str]) -> bool | str:
+    """resume= as the schema reads it (true/false in any case, else a folder); False if absent."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not values:
+        return False
+    try:
+        value = OmegaConf.from_dotlist([f"resume={values[-1]}"]).resume
+    except OmegaConfBaseException:
+        return values[-1]
+    return value if isinstance(value, bool) else str(value)
+
+
+def _asks_to_resume(argv: list[str]) -> bool:
+    return _resume_value(argv) is not False
+
+
 def _resume_probe(argv: list[str]) -> DictConfig:
     """A minimal config holding only resume and out_dir, to find the run folder."""
-    values = dict(a.split("=", 1) for a in argv if a.startswith(("resume=", "out_dir=")))
-    resume = values.get("resume", "true")
-    return DictConfig({"resume": resume if resume not in ("true", "True") else True,
-                       "out_dir": values.get("out_dir"), "benchmark": DEFAULT_BENCHMARK,
-                       "strategy": DEFAULT_STRATEGY, "seed": 0})
+    values = dict(a.split("=", 1) for a in argv if a.startswith("out_dir="))
+    return DictConfig({"resume": _resume_value(argv), "out_dir": values.get("out_dir"),
+                       "benchmark": DEFAULT_BENCHMARK, "strategy": DEFAULT_STRATEGY, "seed": 0})
 
 
 def _remove_if_nothing_written(folder: Path | None) -> None:

@@ -20,7 +20,9 @@ VOLATILE = {"wall_time_s", "config", "figures"}
 
 def _run(tmp_path: Path, *args: str, name: str = "run") -> tuple[int, Path]:
     out = tmp_path / name
-    code = main([*FAST, *args, f"out_dir={out}"])
+    keys = {a.split("=", 1)[0] for a in args}
+    fast = [a for a in FAST if a.split("=", 1)[0] not in keys]
+    code = main([*fast, *args, f"out_dir={out}"])
     return code, out
 
 
@@ -110,7 +112,9 @@ def test_distilling_a_finished_teacher_equals_training_it_again(tmp_path, capsys
         ([*one, f"distill.teacher={tmp_path / 'none'}"], "no finished run there"),
         ([*one, f"distill.teacher={full}"], "itself a distilled run"),
     ):
-        code, out = _run(tmp_path, "strategy=distilled", teacher, *args, name="refused")
+        own = any(a.startswith("distill.teacher=") for a in args)
+        code, out = _run(tmp_path, "strategy=distilled", *([] if own else [teacher]), *args,
+                         name="refused")
         assert code == 2 and message in capsys.readouterr().err, message
         assert not out.exists()
 
@@ -121,16 +125,33 @@ def test_distilling_a_finished_teacher_equals_training_it_again(tmp_path, capsys
         (["benchmark=nope"], "unknown benchmark preset 'nope'; choose one of"),
         (["benchmark=tiny", "strategy=nope"], "unknown strategy preset 'nope'"),
         (["benchmark=tiny", "model.num_experts=abc"], "model.num_experts"),
-        (["benchmark=tiny", "train.epochs=-1"], "train.epochs must be >= 0"),
+        (["benchmark=tiny", "train.epochs=-1"], "train.epochs must be a finite number >= 0"),
+        (["benchmark=tiny", "train.lr=nan"], "train.lr must be a finite number > 0"),
+        (["benchmark=tiny", "experts.threshold=inf"], "experts.threshold must be a finite"),
+        (["benchmark=tiny", "strategy=lwf", "baseline.lwf_temperature=0"], "> 0, got 0"),
+        (["benchmark=tiny", "strategy=naive", "replay.mem_size=5"],
+         "replay.mem_size does not apply to method=naive"),
+        (["benchmark=tiny", "strategy=naive", "model.num_experts=7", "eval.top_k=1"],
+         "model.num_experts, eval.top_k do not apply to method=naive"),
+        (["benchmark=tiny", "strategy=moe", "baseline.ewc_lambda=3"], "does not apply"),
+        (["benchmark=tiny", "eval.top_k=1"], "eval.top_k needs a gate that routes before"),
+        (["benchmark=tiny", "model.gate=softmax", "eval.top_k=50"],
+         "eval.top_k must be in [1, model.num_experts=2]"),
+        (["benchmark=tiny", "seed=99999999999999999999"], "seed must be in [0, 4294967295]"),
+        (["benchmark=tiny", "train=3"], "train is a section, not a value"),
+        (["benchmark=tiny", "train.epochs=${oops}"], "train.epochs: Interpolation key 'oops'"),
+        (["benchmark=tiny", "train.epochs=1", "train.epochs=2"], "train.epochs is given twice"),
         (["benchmark=tiny", "regularizer.importance=heavy"], "regularizer.importance"),
         (["benchmark=tiny", "model.gaet=softmax"], "unknown key 'model.gaet'"),
         (["benchmark=tiny", "model.gate=linear"], "choose one of: softmax, attentive"),
         (["benchmark=tiny", "experts.policy=sometimes"], "experts.policy"),
         (["benchmark=tiny", "experts.init=zeros"], "choose one of: random, copy"),
         (["benchmark=tiny", "experts.route_by_task=true"], "needs scenario=task"),
-        (["benchmark=tiny", "strategy=naive", "regularizer.importance=1"], "method=moe"),
+        (["benchmark=tiny", "strategy=naive", "regularizer.importance=1"],
+         "regularizer.importance does not apply to method=naive"),
         (["benchmark=tiny", "model.architecture=cifar100"], "expects inputs"),
         (["benchmark=paper_mnist"], "MNIST"),
+        (["benchmark=paper_fmnist", "data.n_experiences=5"], "is one experience"),
         (["notakeyvalue"], "expected key=value"),
     ],
 )
@@ -142,6 +163,59 @@ def test_usage_errors_exit_2_without_a_run_folder(tmp_path, capsys, args, messag
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
     assert not (tmp_path / "no-data").exists()
+
+
+def test_unusable_out_dir_is_a_usage_error(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "run"):
+        assert main(["benchmark=tiny", *FAST, f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(a_file) in err and "Traceback" not in err
+    assert a_file.read_text() == "not a folder"
+
+
+def test_resume_false_never_resumes(tmp_path, capsys):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=moe", "logging.figures=false")
+    assert code == 0
+    before = (out / "results.json").read_text()
+    for value in ("false", "False"):
+        assert main([f"resume={value}", f"out_dir={out}", *FAST]) == 2
+        assert "is not empty" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+
+
+def test_resume_refuses_an_edited_or_emptied_config(tmp_path, capsys):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=moe", "logging.figures=false")
+    assert code == 0
+    (out / "results.json").unlink()  # rebuilt from the checkpoint's model on resume
+    config = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(config.replace("num_experts: 2", "num_experts: 3"))
+    assert main([f"resume={out}", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the run's settings" in err and len(err.strip().splitlines()) == 1
+    (out / "config.yaml").write_text(config.replace("mlp_width: 32", "mlp_width: 48"))
+    assert main([f"resume={out}", *FAST]) == 2
+    assert "does not fit the run's settings" in capsys.readouterr().err
+    (out / "config.yaml").write_text("")
+    assert main([f"resume={out}", *FAST]) == 2
+    assert "does not hold a run's settings" in capsys.readouterr().err
+
+
+def test_finished_run_rebuilds_lost_results_and_figures_on_resume(tmp_path, capsys):
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=attentive_ls")
+    assert code == 0
+    original = json.loads((out / "results.json").read_text())
+    (out / "results.json").unlink()
+    for png in (out / "figures").glob("*.png"):
+        png.unlink()
+    assert main([f"resume={out}", *FAST]) == 0
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert _stable(rebuilt) == _stable(original)
+    assert (out / "figures" / "accuracy_matrix.png").is_file()
+    (out / "results.json").write_text('{"status": "comp')  # cut short by a kill
+    assert main([f"resume={out}", *FAST]) == 0
+    assert _stable(json.loads((out / "results.json").read_text())) == _stable(original)
 
 
 def test_help_lists_presets_and_keys(capsys):
