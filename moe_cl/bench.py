@@ -55,6 +55,7 @@ from moe_cl.core.bank import Conv, ExpertBank, MaxPool, ReLU
 from moe_cl.core.losses import pairwise_distances, sample_similarity_terms
 from moe_cl.core.mixture import MixtureOfExpertsCore
 from moe_cl.core.zoo import build_mixture, distilled_gate, get_architecture
+from moe_cl.results import write_json
 
 SECTIONS = ("bank", "layers", "ls", "epoch", "topk", "memory", "gpu")
 DEFAULT_SECTIONS = ("bank", "layers", "ls", "epoch", "topk", "memory")
@@ -1414,18 +1415,37 @@ BENCHES: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+PROG = "python -m moe_cl.bench"
+
+
 def resolve_device(name: str) -> torch.device:
-    """The run command's device rule, as a usage error of this command."""
+    """The run command's device rule, as a usage error (exit status 2) of this command."""
     from moe_cl.experiment import resolve_device as resolve
 
     try:
         return resolve(name)
     except ValueError as err:
-        raise SystemExit(f"--device {name}: {err}") from None
+        print(f"{PROG}: error: --device {name}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def json_path_problem(path: Path) -> str | None:
+    """Why the results could not be written to ``path`` (None: they can). Checked before
+    anything is measured, so that a long run never ends on an unusable path."""
+    if path.is_dir():
+        return "is a folder; give the path of a JSON file"
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable"
+    return None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moe_cl.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--quick",
@@ -1484,12 +1504,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.preset = args.preset or "full"
-    if args.repeats is not None and args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
-    if args.epoch_batch is not None and args.epoch_batch < 1:
-        p.error("--epoch-batch must be >= 1")
+    for option in ("repeats", "threads", "epoch_batch", "gpu_epochs"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            p.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if not args.child:
+        problem = json_path_problem(args.json)
+        if problem:
+            p.error(f"--json {args.json}: {problem}")
     return args
 
 
@@ -1541,8 +1563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(res), flush=True)
         return 0
     result = run_bench(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)  # whole or not at all
     m = result["machine"]
     print(
         f"{m['date']}  {m['cpu_model']}  cpus={m['cpu_count']}  torch threads="

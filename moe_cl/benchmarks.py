@@ -13,6 +13,7 @@ with a message that says which files are expected where and how to obtain them.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import shutil
@@ -179,7 +180,32 @@ def cifar_batch_augment(x: Tensor, generator: torch.Generator | None = None) -> 
 
 
 def _missing(folder: Path, names: Sequence[str]) -> list[str]:
-    return [n for n in names if not (folder / n).is_file()]
+    try:
+        return [n for n in names if not (folder / n).is_file()]
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise DataError(f"cannot look into the data folder {folder}: {reason}") from exc
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be a folder of data (None: it is one, or could be created)."""
+    path = folder
+    try:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if path.is_dir():
+            return None
+    except OSError as exc:
+        return f"cannot inspect {path}: {exc.strerror or exc}"
+    if path == folder:
+        return f"{folder} is not a folder (it is a file)"
+    return f"{folder} cannot be a folder: {path} is a file, not a folder"
+
+
+def _check_data_root(root: Path) -> None:
+    problem = _folder_problem(root)
+    if problem:
+        raise DataError(f"unusable data folder: {problem}; point data_root (data.root) at a folder")
 
 
 def _absent_dirs(*dirs: Path) -> list[Path]:
@@ -214,7 +240,15 @@ def _install_debian_fmnist(debian: Path, raw: Path, names: Sequence[str]) -> Non
     uncompressed files are what torchvision actually reads.
     """
     created = _absent_dirs(raw.parent.parent, raw.parent, raw)
-    raw.mkdir(parents=True, exist_ok=True)
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_if_empty(created)
+        why = _folder_problem(raw) or exc.strerror or str(exc)
+        raise DataError(
+            f"cannot create the folder {raw} to unpack the Fashion-MNIST files of {debian} "
+            f"into: {why}"
+        ) from exc
     for name in names:
         src = debian / f"{name}.gz"
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=raw)
@@ -228,8 +262,25 @@ def _install_debian_fmnist(debian: Path, raw: Path, names: Sequence[str]) -> Non
             raise DataError(f"could not decompress {src} into {raw}: {exc}") from exc
 
 
-def _check_idx_file(path: Path, magic: int) -> int:
-    """Validate an idx file's header and size; return its item count."""
+def _replace_hint(folder: str, debian: Path) -> str:
+    """How to get an intact copy of a corrupt MNIST/Fashion-MNIST idx file."""
+    hint = (
+        "replace it with the original uncompressed file, or delete it and run again with "
+        "data.download=true (download=True in Python) on a machine with network access"
+    )
+    if folder == "FashionMNIST":
+        hint += (
+            "; on Debian/Ubuntu, after `apt-get install -y dataset-fashion-mnist`, deleting it "
+            f"is enough: moe-cl unpacks it again from {debian}, with no network"
+        )
+    return hint
+
+
+def _check_idx_file(
+    path: Path, magic: int, item_shape: Sequence[int] = (), hint: str | None = None
+) -> int:
+    """Validate an idx file's header, dimensions (``[N, *item_shape]``) and size; return N."""
+    hint = hint or "replace it with the original uncompressed file"
     ndim = magic & 0xFF
     try:
         size = path.stat().st_size
@@ -240,14 +291,20 @@ def _check_idx_file(path: Path, magic: int) -> int:
     if len(header) < 4 + 4 * ndim or int.from_bytes(header[:4], "big") != magic:
         raise DataError(
             f"{path} is not an idx file with magic number {magic} (corrupt or wrong file); "
-            "replace it with the original uncompressed file"
+            + hint
         )
     dims = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = len(header) + int(np.prod(dims))
+    expected = len(header) + math.prod(dims)
     if size != expected:
         raise DataError(
             f"{path} is truncated or corrupt: {size} bytes, header {dims} needs {expected}; "
-            "replace it with the original uncompressed file"
+            + hint
+        )
+    if ndim == 1 + len(item_shape) and dims[1:] != list(item_shape):
+        want = ", ".join(["N", *map(str, item_shape)])
+        raise DataError(
+            f"{path} is corrupt or the wrong file: its header gives dimensions {dims}, "
+            f"expected [{want}]; " + hint
         )
     return dims[0]
 
@@ -274,8 +331,12 @@ def _load_idx_dataset(
         raise DataError(_missing_idx_message(folder, raw, missing, _debian_fmnist_dir(debian_dir)))
 
     counts = {}
+    hint = _replace_hint(folder, _debian_fmnist_dir(debian_dir))
     for name in _IDX_FILES:
-        counts[name] = _check_idx_file(raw / name, 2051 if "images" in name else 2049)
+        if "images" in name:
+            counts[name] = _check_idx_file(raw / name, 2051, (28, 28), hint)
+        else:
+            counts[name] = _check_idx_file(raw / name, 2049, (), hint)
     for split in ("train", "t10k"):
         ni, nl = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
         if ni != nl:
@@ -582,6 +643,8 @@ def make_benchmark(
     dataset = name.split("_", 1)[-1]
     info: dict[str, Any] = {}
     augment: Callable[[Tensor], Tensor] | None = None
+    if dataset != "tiny":
+        _check_data_root(root)
 
     if dataset == "tiny":
         xtr, ytr, xte, yte = _tiny_data(
@@ -591,18 +654,22 @@ def make_benchmark(
             int(kwargs.get("test_samples_per_class", 32)),
         )
         n_classes = 2 * n_experiences
-    elif dataset == "mnist":
-        xtr, ytr, xte, yte = _load_idx_dataset("MNIST", root, download, MNIST_STATS)
-        n_classes = 10
-    elif dataset == "fmnist":
-        xtr, ytr, xte, yte = _load_idx_dataset(
-            "FashionMNIST", root, download, FMNIST_STATS, kwargs.get("debian_fmnist_dir")
-        )
-        n_classes = 10
     else:
-        xtr, ytr, xte, yte, info = _load_cifar100(root, download)
-        n_classes = 100
-        augment = cifar_batch_augment
+        try:
+            if dataset == "mnist":
+                xtr, ytr, xte, yte = _load_idx_dataset("MNIST", root, download, MNIST_STATS)
+                n_classes = 10
+            elif dataset == "fmnist":
+                xtr, ytr, xte, yte = _load_idx_dataset(
+                    "FashionMNIST", root, download, FMNIST_STATS, kwargs.get("debian_fmnist_dir")
+                )
+                n_classes = 10
+            else:
+                xtr, ytr, xte, yte, info = _load_cifar100(root, download)
+                n_classes = 100
+                augment = cifar_batch_augment
+        except OSError as exc:  # a last resort: the steps above name their own failures
+            raise DataError(f"cannot read the data under {root}: {exc}") from exc
 
     xtr, ytr = _subsample(xtr, ytr, kwargs.get("max_train_samples"), seed)
     xte, yte = _subsample(xte, yte, kwargs.get("max_test_samples"), seed + 1)

@@ -6,6 +6,7 @@ checked exactly, since a benchmark comparing unequal work would be meaningless.
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_json_has_machine_info_and_every_section(tiny_results):
         assert machine[key] not in (None, ""), key
     assert machine["device"] == "cpu"
     assert tiny_results["preset"] == "tiny"
-    assert tuple(tiny_results["sections"]) == bench.DEFAULT_SECTIONS
+    assert set(tiny_results["sections"]) == set(bench.DEFAULT_SECTIONS)
 
 
 @pytest.mark.parametrize("name", TIMED_SECTIONS)
@@ -119,3 +120,54 @@ def test_cli_options():
     for wrong in (["--quick", "--tiny"], ["--epoch-batch", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(wrong)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "option", ["--gpu-epochs=-1", "--gpu-epochs=0", "--repeats=0", "--threads=0",
+               "--epoch-batch=-2"]
+)
+def test_numeric_options_must_be_positive(option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args([option])
+    assert exc.value.code == 2
+    assert option.split("=")[0] + " must be >= 1" in capsys.readouterr().err
+
+
+def test_json_path_is_checked_before_measuring(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for wrong in (tmp_path, a_file / "results.json", a_file / "sub" / "results.json"):
+        with pytest.raises(SystemExit) as exc:
+            bench.parse_args(["--json", str(wrong)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--json {wrong}: " in err and ("is a folder" in err or "not a folder" in err)
+    # A folder still to be created is fine, and the check leaves nothing behind.
+    args = bench.parse_args(["--json", str(tmp_path / "new" / "deeper" / "results.json")])
+    assert args.json.name == "results.json" and not (tmp_path / "new").exists()
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if not os.access(tmp_path / "locked", os.W_OK):  # root may write anyway
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--json", str(tmp_path / "locked" / "results.json")])
+
+
+def test_results_are_written_whole(tmp_path, monkeypatch):
+    result = {"machine": {"date": "today", "cpu_model": "cpu", "cpu_count": 1,
+                          "torch_threads": 1, "device": "cpu"}, "elapsed_s": 1.0}
+    monkeypatch.setattr(bench, "run_bench", lambda args: result)
+    path = tmp_path / "new" / "results.json"
+    assert bench.main(["--json", str(path)]) == 0
+    assert json.loads(path.read_text()) == result
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary left
+
+
+def test_missing_cuda_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "results.json"
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--tiny", "--only", "ls", "--device", "cuda", "--json", str(path)])
+    assert exc.value.code == 2
+    assert "--device cuda: " in capsys.readouterr().err and not path.exists()

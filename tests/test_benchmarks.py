@@ -30,6 +30,7 @@ from moe_cl.data import dataset_tensors
 from tests.datafiles import (
     IDX_NAMES,
     cifar100_like_arrays,
+    idx_bytes,
     mnist_like_arrays,
     write_cifar100_like,
     write_mnist_like,
@@ -284,6 +285,44 @@ def test_truncated_idx_file_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"\x00\x00\x08\x03" + path.read_bytes()[4:])  # wrong magic number
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
         make_benchmark("paper_mnist", data_root=tmp_path)
+
+
+@pytest.mark.parametrize("folder", ["MNIST", "FashionMNIST"])
+def test_idx_file_with_wrong_dimensions_is_named(tmp_path: Path, folder: str) -> None:
+    # Right magic number and a size matching the header, but 50 x 784 x 1 "images".
+    raw = write_mnist_like(tmp_path, folder=folder, n_train=50, n_test=20)
+    images, _ = mnist_like_arrays(50, seed=0)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(idx_bytes(images.reshape(50, 784, 1)))
+    name = "split_mnist" if folder == "MNIST" else "split_fmnist"
+    with pytest.raises(DataError) as err:
+        make_benchmark(name, data_root=tmp_path)
+    msg = str(err.value)
+    assert str(path) in msg and "[50, 784, 1]" in msg and "[N, 28, 28]" in msg
+    assert "download=true" in msg
+    assert ("dataset-fashion-mnist" in msg) == (folder == "FashionMNIST")
+
+
+@pytest.mark.parametrize("name", ["split_mnist", "split_fmnist", "paper_cifar100"])
+def test_data_root_that_is_no_folder_is_named(tmp_path: Path, name: str) -> None:
+    debian = write_mnist_like_gz(tmp_path / "debian", n_train=20, n_test=10)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for root in (a_file, a_file / "sub"):
+        with pytest.raises(DataError) as err:
+            make_benchmark(name, data_root=root, debian_fmnist_dir=debian)
+        msg = str(err.value)
+        assert str(root) in msg and f"{a_file} is " in msg and "not a folder" in msg
+    assert a_file.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_unpacking_debian_fmnist_into_an_uncreatable_folder(tmp_path: Path) -> None:
+    debian = write_mnist_like_gz(tmp_path / "debian", n_train=20, n_test=10)
+    root = Path("/proc/moe-cl-no-such-folder")
+    with pytest.raises(DataError) as err:
+        make_benchmark("split_fmnist", data_root=root, debian_fmnist_dir=debian)
+    assert f"cannot create the folder {root / 'FashionMNIST' / 'raw'}" in str(err.value)
 
 
 def test_corrupt_cifar_pickles_are_named(tmp_path: Path) -> None:
