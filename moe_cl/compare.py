@@ -6,8 +6,13 @@ copied from the busiest ones, grow on demand; task-incremental also with each ta
 own experts) with the attentive gate, each with and without L_s and with and without replay,
 and the unregularised original (softmax-gate) mixture with a fixed set of experts, next to
 Avalanche's naive, EWC, LwF, replay and joint training on the single-expert backbone, all with
-the same epochs. Writes ``runs.csv``, ``table.json`` and ``table.md`` (mean +- std over seeds).
-Interrupted, it resumes.
+the same epochs. Writes ``runs.csv``, ``table.json`` and ``table.md`` (mean +- std over seeds)
+covering every finished run in --out, so a run of a subset (``--only``, fewer seeds) adds to the
+table. Interrupted, it resumes.
+
+Exit codes: 0 done; 2 usage error (bad option or override, a run's configuration, data, device
+or checkpoint; nothing finished to tabulate with --report-only); 3 a run stopped on a NaN or
+infinite loss.
 """
 
 from __future__ import annotations
@@ -18,11 +23,15 @@ import sys
 from moe_cl.results import atomic_write_text, write_json
 from moe_cl.suite import (
     COLLAPSE_H_U,
+    USAGE_ERROR,
+    SuiteError,
     Variant,
     collapsed,
+    finished_runs,
     format_mean_std,
     mean_std,
     parse_suite_arguments,
+    positive_int,
     run_suite,
     write_rows,
 )
@@ -59,10 +68,10 @@ def variants(scenario: str) -> list[Variant]:
     out.append(Variant(f"moe-fixed+softmax-{scenario}",
                        ("strategy=moe", *POLICIES["fixed"], "replay.mem_size=0",
                         f"scenario={scenario}")))
-    for baseline in BASELINES:
+    for baseline in BASELINES:  # replay.mem_size is refused by the methods that do not replay
+        replay = (f"replay.mem_size={REPLAY_MEMORY}",) if baseline == "replay" else ()
         out.append(Variant(f"{baseline}-{scenario}",
-                           (f"strategy={baseline}", f"scenario={scenario}",
-                            f"replay.mem_size={REPLAY_MEMORY if baseline == 'replay' else 0}")))
+                           (f"strategy={baseline}", f"scenario={scenario}", *replay)))
     return out
 
 
@@ -143,28 +152,48 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=("split_mnist", "split_fmnist", "split_cifar100",
                                               "tiny"))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=positive_int, default=3,
+                        help="seeds 0..N-1, N >= 1 (default 3)")
     parser.add_argument("--scenarios", nargs="+", choices=("class", "task"),
                         default=["class", "task"])
     parser.add_argument("--only", nargs="+", default=None,
-                        help="run names to keep (prefix match, e.g. moe-grow naive)")
-    args, overrides = parse_suite_arguments(parser, argv, "compare")
+                        help="run names to train (prefix match, e.g. moe-grow naive); each must "
+                             "match a run of --scenarios. The table still covers every finished "
+                             "run in --out")
+    parser.epilog = ("Any key=value argument is applied to every run (keys of the mixture only\n"
+                     "to its runs), e.g. train.epochs=1 device=cuda; seed, benchmark, strategy,\n"
+                     "scenario, out_dir and resume are set by the suite.")
+    args, overrides = parse_suite_arguments(
+        parser, argv, "compare",
+        controlled={"strategy": "choose runs with --only", "scenario": "use --scenarios"})
     out = args.out
-    chosen = [v for s in args.scenarios for v in variants(s)
-              if args.only is None or v.name.startswith(tuple(args.only))]
-    from moe_cl.benchmarks import DataError
-    from moe_cl.config import ConfigError
-
+    pool = [v for s in args.scenarios for v in variants(s)]
+    if args.only is not None:
+        unmatched = [p for p in args.only if not any(v.name.startswith(p) for v in pool)]
+        if unmatched:
+            names = dict.fromkeys(v.name.rsplit("-", 1)[0] for v in pool)
+            hint = ("; key=value overrides go before --only" if any("=" in p for p in unmatched)
+                    else "")
+            parser.error(f"--only {' '.join(unmatched)}: no such run in scenarios "
+                         f"{' '.join(args.scenarios)}{hint}; valid names (prefixes of "
+                         f"NAME-<scenario>): {', '.join(names)}")
+    chosen = [v for v in pool if args.only is None or v.name.startswith(tuple(args.only))]
+    everything = [v for s in ("class", "task") for v in variants(s)]
     try:
-        rows = run_suite(args.benchmark, chosen, range(args.seeds), out, extra=overrides,
-                         run=not args.report_only)
-    except (ConfigError, DataError) as err:
+        if not args.report_only:
+            run_suite(args.benchmark, chosen, range(args.seeds), out, extra=overrides)
+        rows = finished_runs(args.benchmark, everything, out)
+    except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    write_rows(rows, out / "runs.csv")
+        return err.exit_code
+    if not rows:
+        print(f"error: no finished runs in {out} to tabulate (run without --report-only first); "
+              "nothing written", file=sys.stderr)
+        return USAGE_ERROR
     summary = table(rows)
-    write_json(out / "table.json", summary)
     text = markdown(summary, args.benchmark)
+    write_rows(rows, out / "runs.csv")
+    write_json(out / "table.json", summary)
     atomic_write_text(out / "table.md", text)
     print(text)
     return 0

@@ -383,13 +383,16 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
 
 def _finished_results(cfg: DictConfig, out: Path, bundle: BenchmarkBundle,
                       model: torch.nn.Module, state: dict, device: torch.device) -> dict:
-    """results.json of a finished run; rebuilt from the checkpoint when the file is missing or
-    unreadable, and its figures drawn when a kill came between the two (both written last)."""
+    """results.json of a finished run; rebuilt from the checkpoint when the file is missing,
+    unreadable or older than it (a kill between the two writes), and its figures drawn when a
+    kill came before them (written last)."""
     path = out / "results.json"
     progress = Progress(**state["progress"])
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
+        results = None
+    if not isinstance(results, dict) or results.get("status") != "complete":
         load_model_state(model, state["model"])
         if isinstance(model, MixtureOfExperts) and cfg.distill.epochs:
             model = copy.deepcopy(model)

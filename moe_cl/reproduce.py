@@ -9,8 +9,13 @@ same, and the two distilled models) on a paper benchmark, then writes
   over all runs of the category; (b) mean +- std over seeds at the preset hyperparameters,
   each beside the published value and the difference.
 
-Interrupted, it resumes: finished runs are read back, the interrupted one continues from its
-checkpoint. ``--grid`` adds the paper's hyperparameter grids.
+The tables cover every finished run in --out (any variant, seed or grid point), so a run of a
+subset adds to them. Interrupted, it resumes: finished runs are read back, the interrupted one
+continues from its checkpoint. ``--grid`` adds the paper's hyperparameter grids.
+
+Exit codes: 0 done; 2 usage error (bad option or override, a run's configuration, data, device
+or checkpoint; nothing finished to tabulate with --report-only); 3 a run stopped on a NaN or
+infinite loss.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ from moe_cl.figures import heatmaps_side_by_side, save_figure
 from moe_cl.results import atomic_write_text, write_json
 from moe_cl.suite import (
     COLLAPSE_H_U,
+    USAGE_ERROR,
+    SuiteError,
     Variant,
     collapsed,
+    finished_runs,
     format_mean_std,
     mean_std,
     parse_suite_arguments,
+    positive_int,
     run_suite,
     write_rows,
 )
@@ -217,31 +226,37 @@ def write_heatmaps(out: Path, table: dict, rows: list[dict],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_cl.reproduce",
-                                     description="Reproduce the paper's tables.")
+                                     description="Reproduce the paper's tables (they cover every "
+                                                 "finished run in --out).")
     parser.add_argument("benchmark", choices=PAPER_BENCHMARKS)
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", type=positive_int, default=5,
+                        help="seeds 0..N-1, N >= 1 (default 5)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="variants to train (default all)")
     parser.add_argument("--grid", action="store_true", help="also run the paper's grids")
     parser.epilog = ("Any key=value argument is applied to every run (keys of the mixture only "
-                     "to its runs), e.g. data.root=data device=cuda.")
-    args, overrides = parse_suite_arguments(parser, argv, "reproduce")
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
+                     "to its runs), e.g. data.root=data device=cuda; seed, benchmark, strategy, "
+                     "out_dir and resume are set by the suite.")
+    args, overrides = parse_suite_arguments(parser, argv, "reproduce",
+                                            controlled={"strategy": "choose with --variants"})
     out = args.out
-    from moe_cl.benchmarks import DataError
-    from moe_cl.config import ConfigError
-
     try:
-        rows = run_suite(args.benchmark, variants(args.benchmark, args.variants, args.grid),
-                         range(args.seeds), out, extra=overrides, run=not args.report_only)
-    except (ConfigError, DataError) as err:
+        if not args.report_only:
+            run_suite(args.benchmark, variants(args.benchmark, args.variants, args.grid),
+                      range(args.seeds), out, extra=overrides)
+        rows = finished_runs(args.benchmark, variants(args.benchmark, list(VARIANTS), True), out)
+    except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    if not rows:
+        print(f"error: no finished runs in {out} to tabulate (run without --report-only first); "
+              "nothing written", file=sys.stderr)
+        return USAGE_ERROR
+    table = aggregate(rows, args.benchmark, list(VARIANTS))
+    text = markdown(table, args.benchmark)
     write_rows(rows, out / "runs.csv")
-    table = aggregate(rows, args.benchmark, args.variants)
     write_json(out / "table.json", table)
     write_heatmaps(out, table, rows)
-    text = markdown(table, args.benchmark)
     atomic_write_text(out / "table.md", text)
     print(text)
     print(f"raw runs: {out / 'runs.csv'}; tables: {out / 'table.md'}, {out / 'table.json'}")

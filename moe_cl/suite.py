@@ -2,7 +2,13 @@
 the continual-learning comparison.
 
 Each run lives in ``OUT/<run name>/seed-<k>/`` exactly as ``python -m moe_cl.run`` would write
-it: finished runs are read back, interrupted ones resume from their checkpoint.
+it: finished runs are read back, interrupted ones resume from their checkpoint (so does a run
+whose results.json is unreadable: a finished checkpoint rebuilds it).
+The tables cover every finished run found in OUT, so a run of a subset adds to them.
+
+A run that fails stops the suite with a :class:`SuiteError` naming it, whose ``exit_code`` is
+``python -m moe_cl.run``'s: 2 for a usage error (configuration, data, device, checkpoint), 3 for
+a NaN or infinite loss.
 """
 
 from __future__ import annotations
@@ -22,11 +28,30 @@ from pathlib import Path
 from moe_cl.config import compose
 from moe_cl.results import atomic_write_text, write_json
 
+# Exit codes, as python -m moe_cl.run's.
+USAGE_ERROR = 2
+NON_FINITE_LOSS = 3
+
 COLLAPSE_H_U = 0.1  # bits: (nearly) every sample routed to one expert
-MOE_ONLY = ("regularizer.", "distill.", "experts.", "model.gate", "model.output", "eval.top_k")
 FIELDS = ("run", "category", "seed", "train_error", "test_error", "MI_pred", "MI", "H_s", "H_u",
           "average_accuracy", "forgetting", "task_aware_average_accuracy", "num_experts",
           "experts_added", "num_parameters", "wall_time_s")
+# Keys the suite sets itself for every run, and how to choose them instead.
+CONTROLLED = {
+    "seed": "use --seeds N (runs seeds 0..N-1)",
+    "benchmark": "the benchmark is the command's first argument",
+    "strategy": "the suite's variants set it",
+    "out_dir": "use --out (each run goes to OUT/<run name>/seed-<k>)",
+    "resume": "the suite resumes by itself: run the same command again",
+}
+
+
+class SuiteError(Exception):
+    """A run of the suite failed; ``exit_code`` is what the command returns."""
+
+    def __init__(self, message: str, exit_code: int = USAGE_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -49,9 +74,9 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
               *, extra: Sequence[str] = (), echo: Callable[[str], None] = print,
               run: bool = True) -> list[dict]:
     """Run every variant with every seed (skipping finished runs); returns one row per run.
-    With ``run=False`` nothing is trained: the rows are the runs already finished."""
-    from moe_cl.experiment import run_experiment
-
+    With ``run=False`` nothing is trained: the rows are the runs already finished.
+    Raises :class:`SuiteError` naming the run that failed (or a finished run of another
+    benchmark in ``out``)."""
     rows = []
     total = len(variants) * len(seeds)
     started = time.perf_counter()
@@ -60,26 +85,18 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
     # Seeds outermost: a partial suite already covers every variant.
     for index, (seed, variant) in enumerate(((s, v) for s in seeds for v in variants), start=1):
         folder = out / variant.name / f"seed-{seed}"
-        results_path = folder / "results.json"
-        done = _is_complete(results_path)
+        results = read_results(folder / "results.json")
+        done = _complete(results)
         if not done and not run:
             continue
         if not done:
-            argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
-                    "logging.interactive=false", "logging.tensorboard=false"]
-            teacher = out / variant.teacher / f"seed-{seed}"
-            if variant.teacher and _is_complete(teacher / "results.json"):
-                argv.append(f"distill.teacher={teacher}")
-            cfg = compose([*argv, *_applicable(compose(argv), extra)])
-            resume = (folder / "checkpoint.pt").exists()
-            if folder.exists() and not resume:
-                shutil.rmtree(folder)  # started but nothing finished: start again
-            folder.mkdir(parents=True, exist_ok=True)
             run_started = time.perf_counter()
-            run_experiment(cfg, folder, resume=resume, echo=lambda _: None)
+            results = _train(benchmark, variant, seed, out, extra, echo)
             spent_on_new += time.perf_counter() - run_started
             new_runs += 1
-        results = json.loads(results_path.read_text())
+        elif results.get("benchmark", benchmark) != benchmark:
+            raise SuiteError(f"{folder} holds a run of benchmark {results['benchmark']}, not "
+                             f"{benchmark}; choose another --out")
         row = {"run": variant.name, "category": variant.group, "seed": seed,
                **{k: results.get(k) for k in FIELDS[3:]}}
         row.update({f"hp_{k}": v for k, v in variant.hyperparameters.items()})
@@ -93,34 +110,138 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
     return rows
 
 
+def finished_runs(benchmark: str, variants: Sequence[Variant], out: Path) -> list[dict]:
+    """One row per finished run of any of ``variants`` in ``out``, whichever seeds and selection
+    made it: what the tables cover. Trains nothing."""
+    seeds = set()
+    for variant in variants:
+        folder = out / variant.name
+        if folder.is_dir():
+            seeds |= {int(p.name[5:]) for p in folder.iterdir()
+                      if p.name.startswith("seed-") and p.name[5:].isdigit()}
+    return run_suite(benchmark, variants, sorted(seeds), out, run=False, echo=lambda _: None)
+
+
+def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequence[str],
+           echo: Callable[[str], None]) -> dict:
+    """Train (or resume) one run; returns its finished results. Errors become SuiteErrors
+    naming the run, with python -m moe_cl.run's exit codes."""
+    from moe_cl.benchmarks import DataError
+    from moe_cl.checkpoint import CheckpointError
+    from moe_cl.config import ConfigError
+    from moe_cl.plugins import NonFiniteLossError
+
+    folder = out / variant.name / f"seed-{seed}"
+    results_path = folder / "results.json"
+    label = f"run {variant.name} seed {seed} ({folder})"
+    if results_path.exists() and read_results(results_path) is None:
+        echo(f"{results_path} is unreadable: the run is resumed (or trained again)")
+    try:
+        argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
+                "logging.interactive=false", "logging.tensorboard=false"]
+        teacher = out / variant.teacher / f"seed-{seed}"
+        if variant.teacher and _complete(read_results(teacher / "results.json")):
+            argv.append(f"distill.teacher={teacher}")
+        cfg = compose([*argv, *_applicable(compose(argv), extra)])
+        _run_or_resume(cfg, folder)
+    except (ConfigError, DataError, ValueError) as err:
+        _remove_if_nothing_written(folder)
+        raise SuiteError(f"{label}: {err}") from None
+    except CheckpointError as err:
+        raise SuiteError(f"{label}: {err}; delete the folder of that checkpoint to train its "
+                         "run again") from None
+    except NonFiniteLossError as err:
+        results = read_results(results_path)
+        if results is not None:
+            write_json(results_path, {**results, "status": "failed", "error": str(err)})
+        kept = (folder / "checkpoint.pt").exists()
+        raise SuiteError(f"{label}: {err}; " + (
+            "the checkpoint of the last finished experience is kept" if kept
+            else "no experience had finished"), NON_FINITE_LOSS) from None
+    results = read_results(results_path)
+    if not _complete(results):
+        raise SuiteError(f"{label}: training ended without a complete {results_path}")
+    return results
+
+
+def _run_or_resume(cfg, folder: Path) -> None:
+    """Resume from the run's checkpoint if it has one, else train from the start."""
+    from moe_cl.experiment import run_experiment
+
+    resume = (folder / "checkpoint.pt").exists()
+    if folder.exists() and not resume:
+        shutil.rmtree(folder)  # started but nothing finished: start again
+    folder.mkdir(parents=True, exist_ok=True)
+    run_experiment(cfg, folder, resume=resume, echo=lambda _: None)
+
+
+def _remove_if_nothing_written(folder: Path) -> None:
+    """A run folder without results or checkpoint is removed after a usage error (and its
+    variant's folder, if that is left empty)."""
+    if folder.exists() and not any((folder / f).exists()
+                                   for f in ("results.json", "checkpoint.pt")):
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
+
+
+def positive_int(text: str) -> int:
+    """argparse type of --seeds: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_suite_arguments(parser: argparse.ArgumentParser, argv: list[str] | None,
-                          default_out: str) -> tuple[argparse.Namespace, list[str]]:
+                          default_out: str, *, controlled: dict[str, str] | None = None
+                          ) -> tuple[argparse.Namespace, list[str]]:
     """The options every suite command shares: --out, --report-only, and key=value overrides
-    applied to every run."""
+    applied to every run. Overrides of keys the suite sets itself (:data:`CONTROLLED`, plus the
+    command's ``controlled``) are usage errors naming the option to use instead."""
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results folder (default runs/{default_out}/<benchmark>)")
     parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: tabulate the runs already finished in --out")
+                        help="train nothing: tabulate the runs already finished in --out "
+                             "(an error if there are none)")
     args, overrides = parser.parse_known_args(argv)
     unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    forbidden = CONTROLLED | (controlled or {})
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in forbidden:
+            parser.error(f"{override}: the suite sets {key} for its runs; {forbidden[key]}")
     args.out = args.out or Path("runs") / default_out / args.benchmark
     return args, overrides
 
 
 def _applicable(base, extra: Sequence[str]) -> list[str]:
-    """The suite-wide overrides that apply to a run: the mixture's keys only to mixtures, the
-    distillation's only to runs that distil."""
-    if base.method != "moe":
-        return [a for a in extra if not a.startswith(MOE_ONLY)]
-    if not base.distill.epochs:
-        return [a for a in extra if not a.startswith("distill.")]
-    return list(extra)
+    """The suite-wide overrides that apply to a run: keys only some methods read (the mixture's,
+    replay's, EWC's, LwF's) only to those, the distillation's only to runs that distil."""
+    from moe_cl.config import key_applies
+
+    kept = [a for a in extra if key_applies(base.method, a.split("=", 1)[0].strip())]
+    if base.method == "moe" and not base.distill.epochs:
+        kept = [a for a in kept if not a.startswith("distill.")]
+    return kept
 
 
-def _is_complete(results_path: Path) -> bool:
-    return results_path.exists() and json.loads(results_path.read_text())["status"] == "complete"
+def read_results(results_path: Path) -> dict | None:
+    """A run's results.json, or None if it is missing or unreadable (truncated, not JSON)."""
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def _complete(results: dict | None) -> bool:
+    return results is not None and results.get("status") == "complete"
 
 
 def write_rows(rows: list[dict], csv_path: Path) -> None:

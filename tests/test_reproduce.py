@@ -81,6 +81,16 @@ def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
     assert reproduce.main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert sum("(done before)" in line for line in lines) == 7
+    # Its checkpoint was already finished: it is trained again, not left "running".
+    assert json.loads(results.read_text())["status"] == "complete"
+    # A run of a subset adds to the tables: they cover every finished run in --out.
+    text = (tmp_path / "out" / "table.md").read_text()
+    subset = ["paper_fmnist", "--seeds", "1", "--variants", "single", *args[8:]]
+    assert reproduce.main(subset) == 0
+    assert set(json.loads((tmp_path / "out" / "table.json").read_text())) == names
+    assert (tmp_path / "out" / "table.md").read_text() == text
+    with open(tmp_path / "out" / "runs.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 8
 
 
 def test_reproduce_rejects_unknown_arguments():
