@@ -395,6 +395,25 @@ def merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return merged
 
 
+def changed_settings(saved: DictConfig, requested: DictConfig,
+                     ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values differ between two run configurations, keys starting
+    with one of ``ignore`` aside, each as ``key: saved -> requested``."""
+    a, b = _flat(OmegaConf.to_container(saved, resolve=True)), _flat(
+        OmegaConf.to_container(requested, resolve=True))
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(a.keys() | b.keys())
+            if not k.startswith(ignore) and a.get(k) != b.get(k)]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

@@ -22,13 +22,13 @@ from moe_cl.config import (
     DEFAULT_BENCHMARK,
     DEFAULT_STRATEGY,
     ConfigError,
+    changed_settings,
     compose,
     load_saved,
     merge_overrides,
     preset_description,
     preset_names,
     reject_repeated_keys,
-    to_yaml,
 )
 from moe_cl.plugins import NonFiniteLossError
 from moe_cl.results import write_json
@@ -103,12 +103,11 @@ RESUME_KEYS = ("resume=", "out_dir=", "logging.")
 def _check_same_config(saved: DictConfig, requested: DictConfig) -> None:
     """With resume, the command may repeat the original settings but not change them
     (logging settings excepted)."""
-    ignore = {"resume", "out_dir", "logging"}
-    a = {k: v for k, v in saved.items() if k not in ignore}
-    b = {k: v for k, v in requested.items() if k not in ignore}
-    if to_yaml(DictConfig(a)) != to_yaml(DictConfig(b)):
-        raise ConfigError("resume: the command's settings differ from the run's config.yaml; "
-                          "resume with only resume=FOLDER (or the original command)")
+    changed = changed_settings(saved, requested, ("resume", "out_dir", "logging"))
+    if changed:
+        raise ConfigError(f"resume: the command's settings differ from the run's config.yaml "
+                          f"({'; '.join(changed[:3])}); resume with only resume=FOLDER (or the "
+                          "original command)")
 
 
 def main(argv: list[str] | None = None) -> int:

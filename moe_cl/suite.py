@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from moe_cl.config import compose
 from moe_cl.results import atomic_write_text, write_json
 
@@ -89,6 +91,8 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
         done = _complete(results)
         if not done and not run:
             continue
+        if run and (done or (folder / "checkpoint.pt").exists()):
+            _check_settings(benchmark, variant, seed, out, extra)
         if not done:
             run_started = time.perf_counter()
             results = _train(benchmark, variant, seed, out, extra, echo)
@@ -137,13 +141,7 @@ def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequen
     if results_path.exists() and read_results(results_path) is None:
         echo(f"{results_path} is unreadable: the run is resumed (or trained again)")
     try:
-        argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
-                "logging.interactive=false", "logging.tensorboard=false"]
-        teacher = out / variant.teacher / f"seed-{seed}"
-        if variant.teacher and _complete(read_results(teacher / "results.json")):
-            argv.append(f"distill.teacher={teacher}")
-        cfg = compose([*argv, *_applicable(compose(argv), extra)])
-        _run_or_resume(cfg, folder)
+        _run_or_resume(_run_config(benchmark, variant, seed, out, extra), folder)
     except (ConfigError, DataError, ValueError) as err:
         _remove_if_nothing_written(folder)
         raise SuiteError(f"{label}: {err}") from None
@@ -162,6 +160,40 @@ def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequen
     if not _complete(results):
         raise SuiteError(f"{label}: training ended without a complete {results_path}")
     return results
+
+
+def _run_config(benchmark: str, variant: Variant, seed: int, out: Path,
+                extra: Sequence[str]) -> DictConfig:
+    folder = out / variant.name / f"seed-{seed}"
+    argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
+            "logging.interactive=false", "logging.tensorboard=false"]
+    teacher = out / variant.teacher / f"seed-{seed}"
+    if variant.teacher and _complete(read_results(teacher / "results.json")):
+        argv.append(f"distill.teacher={teacher}")
+    return compose([*argv, *_applicable(compose(argv), extra)])
+
+
+# Where a run lies and how it was logged or placed; not what it computes.
+NOT_SETTINGS = ("resume", "out_dir", "logging", "device", "data.root", "distill.teacher",
+                "train.checkpoint_every_epochs")
+
+
+def _check_settings(benchmark: str, variant: Variant, seed: int, out: Path,
+                    extra: Sequence[str]) -> None:
+    """A run found in ``out`` (finished, or to be resumed) must have been made with the
+    settings this call asks for: otherwise the tables would mix settings silently."""
+    from moe_cl.config import ConfigError, changed_settings, load_saved
+
+    folder = out / variant.name / f"seed-{seed}"
+    try:
+        changed = changed_settings(load_saved(folder / "config.yaml"),
+                                   _run_config(benchmark, variant, seed, out, extra), NOT_SETTINGS)
+    except ConfigError as err:
+        raise SuiteError(f"run {variant.name} seed {seed} ({folder}): {err}") from None
+    if changed:
+        raise SuiteError(f"run {variant.name} seed {seed} ({folder}) was made with other "
+                         f"settings ({'; '.join(changed[:3])}); repeat its overrides or choose "
+                         "another --out")
 
 
 def _run_or_resume(cfg, folder: Path) -> None:

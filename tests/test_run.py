@@ -185,6 +185,16 @@ def test_resume_false_never_resumes(tmp_path, capsys):
     assert (out / "results.json").read_text() == before
 
 
+def test_resume_with_other_settings_names_them(tmp_path, capsys):
+    args = ["benchmark=tiny", "strategy=moe", "logging.figures=false"]
+    code, out = _run(tmp_path, *args)
+    assert code == 0
+    assert main([*args, *FAST, "resume=true", f"out_dir={out}", "train.lr=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "settings differ" in err and "train.lr: 0.001 -> 0.01" in err
+    assert main([*args, *FAST, "resume=true", f"out_dir={out}"]) == 0  # the original command
+
+
 def test_resume_refuses_an_edited_or_emptied_config(tmp_path, capsys):
     code, out = _run(tmp_path, "benchmark=tiny", "strategy=moe", "logging.figures=false")
     assert code == 0

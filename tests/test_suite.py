@@ -183,3 +183,14 @@ def test_method_specific_overrides_reach_only_the_runs_that_read_them(tmp_path):
     assert "ewc_lambda: 5" in (tmp_path / "ewc-class" / "seed-0" / "config.yaml").read_text()
     assert set(json.loads((tmp_path / "table.json").read_text())) == {"ewc-class",
                                                                      "moe-fixed-class"}
+
+
+def test_runs_made_with_other_settings_are_refused_not_mixed(suite_out, capsys):
+    before = _table_files(suite_out)
+    assert _compare(suite_out, "--only", "naive", overrides=["train.lr=0.01"]) == 2
+    line = _one_error_line(capsys)
+    assert "naive-class seed 0" in line and "train.lr: 0.001 -> 0.01" in line
+    assert _table_files(suite_out) == before
+    # Where the data lie, how runs log, checkpoint cadence: not settings.
+    assert _compare(suite_out, "--only", "naive",
+                    overrides=["train.checkpoint_every_epochs=3", "logging.csv=false"]) == 0
