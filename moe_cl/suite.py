@@ -4,7 +4,9 @@ the continual-learning comparison.
 Each run lives in ``OUT/<run name>/seed-<k>/`` exactly as ``python -m moe_cl.run`` would write
 it: finished runs are read back, interrupted ones resume from their checkpoint (so does a run
 whose results.json is unreadable: a finished checkpoint rebuilds it).
-The tables cover every finished run found in OUT, so a run of a subset adds to them.
+The tables cover every finished run found in OUT, so a run of a subset adds to them; a run
+found there that was made with other settings (say, another ``train.lr=``) is an error, never
+a row of the table.
 
 A run that fails stops the suite with a :class:`SuiteError` naming it, whose ``exit_code`` is
 ``python -m moe_cl.run``'s: 2 for a usage error (configuration, data, device, checkpoint), 3 for
