@@ -20,20 +20,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_cl.results import atomic_write_text, write_json
 from moe_cl.suite import (
     COLLAPSE_H_U,
-    USAGE_ERROR,
     SuiteError,
     Variant,
     collapsed,
-    finished_runs,
     format_mean_std,
     mean_std,
     parse_suite_arguments,
     positive_int,
-    run_suite,
-    write_rows,
+    train_and_collect,
+    write_tables,
 )
 
 POLICIES = {
@@ -180,21 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [v for v in pool if args.only is None or v.name.startswith(tuple(args.only))]
     everything = [v for s in ("class", "task") for v in variants(s)]
     try:
-        if not args.report_only:
-            run_suite(args.benchmark, chosen, range(args.seeds), out, extra=overrides)
-        rows = finished_runs(args.benchmark, everything, out)
+        rows = train_and_collect(args.benchmark, chosen, everything, range(args.seeds), out,
+                                 extra=overrides, report_only=args.report_only)
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    if not rows:
-        print(f"error: no finished runs in {out} to tabulate (run without --report-only first); "
-              "nothing written", file=sys.stderr)
-        return USAGE_ERROR
     summary = table(rows)
     text = markdown(summary, args.benchmark)
-    write_rows(rows, out / "runs.csv")
-    write_json(out / "table.json", summary)
-    atomic_write_text(out / "table.md", text)
+    write_tables(out, rows, summary, text)
     print(text)
     return 0
 

@@ -30,20 +30,17 @@ from pathlib import Path
 import yaml
 
 from moe_cl.figures import heatmaps_side_by_side, save_figure
-from moe_cl.results import atomic_write_text, write_json
 from moe_cl.suite import (
     COLLAPSE_H_U,
-    USAGE_ERROR,
     SuiteError,
     Variant,
     collapsed,
-    finished_runs,
     format_mean_std,
     mean_std,
     parse_suite_arguments,
     positive_int,
-    run_suite,
-    write_rows,
+    train_and_collect,
+    write_tables,
 )
 
 PAPER_BENCHMARKS = ("paper_mnist", "paper_fmnist", "paper_cifar100")
@@ -241,23 +238,17 @@ def main(argv: list[str] | None = None) -> int:
                                             controlled={"strategy": "choose with --variants"})
     out = args.out
     try:
-        if not args.report_only:
-            run_suite(args.benchmark, variants(args.benchmark, args.variants, args.grid),
-                      range(args.seeds), out, extra=overrides)
-        rows = finished_runs(args.benchmark, variants(args.benchmark, list(VARIANTS), True), out)
+        rows = train_and_collect(
+            args.benchmark, variants(args.benchmark, args.variants, args.grid),
+            variants(args.benchmark, list(VARIANTS), True), range(args.seeds), out,
+            extra=overrides, report_only=args.report_only)
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    if not rows:
-        print(f"error: no finished runs in {out} to tabulate (run without --report-only first); "
-              "nothing written", file=sys.stderr)
-        return USAGE_ERROR
     table = aggregate(rows, args.benchmark, list(VARIANTS))
     text = markdown(table, args.benchmark)
-    write_rows(rows, out / "runs.csv")
-    write_json(out / "table.json", table)
     write_heatmaps(out, table, rows)
-    atomic_write_text(out / "table.md", text)
+    write_tables(out, rows, table, text)
     print(text)
     print(f"raw runs: {out / 'runs.csv'}; tables: {out / 'table.md'}, {out / 'table.json'}")
     return 0

@@ -128,6 +128,27 @@ def finished_runs(benchmark: str, variants: Sequence[Variant], out: Path) -> lis
     return run_suite(benchmark, variants, sorted(seeds), out, run=False, echo=lambda _: None)
 
 
+def train_and_collect(benchmark: str, chosen: Sequence[Variant], everything: Sequence[Variant],
+                      seeds: Sequence[int], out: Path, *, extra: Sequence[str] = (),
+                      report_only: bool = False) -> list[dict]:
+    """Train the ``chosen`` runs (unless ``report_only``), then return the rows of every finished
+    run of ``everything`` in ``out``: what the tables show. Nothing to show is a SuiteError."""
+    if not report_only:
+        run_suite(benchmark, chosen, seeds, out, extra=extra)
+    rows = finished_runs(benchmark, everything, out)
+    if not rows:
+        raise SuiteError(f"no finished runs in {out} to tabulate (run without --report-only "
+                         "first); nothing written")
+    return rows
+
+
+def write_tables(out: Path, rows: list[dict], table: dict, text: str) -> None:
+    """runs.csv/json, table.json and table.md, each written whole."""
+    write_rows(rows, out / "runs.csv")
+    write_json(out / "table.json", table)
+    atomic_write_text(out / "table.md", text)
+
+
 def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequence[str],
            echo: Callable[[str], None]) -> dict:
     """Train (or resume) one run; returns its finished results. Errors become SuiteErrors
