@@ -1430,18 +1430,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def json_path_problem(path: Path) -> str | None:
-    """Why the results could not be written to ``path`` (None: they can). Checked before
-    anything is measured, so that a long run never ends on an unusable path."""
+    """Why the results could not be written to ``path`` (None: they can)."""
+    from moe_cl.benchmarks import folder_problem
+
     if path.is_dir():
         return "is a folder; give the path of a JSON file"
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"{folder} is a file, not a folder"
-    if not os.access(folder, os.W_OK):
-        return f"{folder} is not writable"
-    return None
+    return folder_problem(path.absolute().parent, writable=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -187,23 +187,27 @@ def _missing(folder: Path, names: Sequence[str]) -> list[str]:
         raise DataError(f"cannot look into the data folder {folder}: {reason}") from exc
 
 
-def _folder_problem(folder: Path) -> str | None:
-    """Why ``folder`` cannot be a folder of data (None: it is one, or could be created)."""
+def folder_problem(folder: Path, *, writable: bool = False) -> str | None:
+    """Why ``folder`` cannot be (or become) a folder to read, or with ``writable`` to write,
+    files in; None when it can. Checked before long work, which should not end on it."""
     path = folder
     try:
         while not path.exists() and path != path.parent:
             path = path.parent
-        if path.is_dir():
-            return None
+        is_dir = path.is_dir()
     except OSError as exc:
         return f"cannot inspect {path}: {exc.strerror or exc}"
-    if path == folder:
-        return f"{folder} is not a folder (it is a file)"
-    return f"{folder} cannot be a folder: {path} is a file, not a folder"
+    if not is_dir:
+        if path == folder:
+            return f"{folder} is not a folder (it is a file)"
+        return f"{folder} cannot be a folder: {path} is a file, not a folder"
+    if writable and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
 
 
 def _check_data_root(root: Path) -> None:
-    problem = _folder_problem(root)
+    problem = folder_problem(root)
     if problem:
         raise DataError(f"unusable data folder: {problem}; point data_root (data.root) at a folder")
 
@@ -244,7 +248,7 @@ def _install_debian_fmnist(debian: Path, raw: Path, names: Sequence[str]) -> Non
         raw.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         _remove_if_empty(created)
-        why = _folder_problem(raw) or exc.strerror or str(exc)
+        why = folder_problem(raw) or exc.strerror or str(exc)
         raise DataError(
             f"cannot create the folder {raw} to unpack the Fashion-MNIST files of {debian} "
             f"into: {why}"

@@ -7,7 +7,6 @@ corrupt data, unusable checkpoint); 3 training stopped on a NaN or infinite loss
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe_cl.benchmarks import DataError
+from moe_cl.benchmarks import DataError, folder_problem
 from moe_cl.checkpoint import CheckpointError
 from moe_cl.config import (
     DEFAULT_BENCHMARK,
@@ -131,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg, resume = merge_overrides(saved, logging), True
         else:
             out, resume = _run_folder(cfg), False
-            if out.exists() and not out.is_dir():
-                raise ConfigError(f"out_dir {out} is a file, not a folder")
+            problem = folder_problem(out, writable=True)
+            if problem:
+                raise ConfigError(f"out_dir: {problem}")
             if out.exists() and any(out.iterdir()):
                 raise ConfigError(f"out_dir {out} is not empty; choose another, or resume=true")
         from moe_cl.experiment import build_benchmark, print_summary, run_experiment
@@ -144,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as err:
                 raise ConfigError(f"cannot create the run folder {out}: {err.strerror}") from None
             created = out
-        if not os.access(out, os.W_OK):
-            raise ConfigError(f"the run folder {out} is not writable")
         print(f"run folder: {out}")
         results = run_experiment(cfg, out, resume=resume, bundle=bundle)
         print_summary(results)
