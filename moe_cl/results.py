@@ -32,6 +32,21 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def record_failure(folder: Path, message: str) -> str:
+    """Mark a stopped run's results.json (there when an experience had finished) as failed with
+    ``message``; returns what the run keeps, for the error line."""
+    path = folder / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, dict):
+        write_json(path, {**results, "status": "failed", "error": message})
+    if (folder / "checkpoint.pt").exists():
+        return "the checkpoint of the last finished experience is kept"
+    return "no experience had finished"
+
+
 def average_accuracy(matrix: Sequence[Sequence[float]]) -> float:
     """Mean accuracy over all test experiences after the last training experience."""
     return sum(matrix[-1]) / len(matrix[-1]) if matrix else 0.0

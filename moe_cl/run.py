@@ -6,7 +6,6 @@ corrupt data, unusable checkpoint); 3 training stopped on a NaN or infinite loss
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from moe_cl.config import (
     reject_repeated_keys,
 )
 from moe_cl.plugins import NonFiniteLossError
-from moe_cl.results import write_json
+from moe_cl.results import record_failure
 
 USAGE_ERROR = 2
 NON_FINITE_LOSS = 3
@@ -157,20 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         _remove_if_nothing_written(created)
         return USAGE_ERROR
     except NonFiniteLossError as err:
-        _mark_failed(out, str(err))
-        kept = (out / "checkpoint.pt").exists()
-        print(f"error: {err}; " + ("the checkpoint of the last finished experience is kept"
-                                   if kept else "no experience had finished"), file=sys.stderr)
+        print(f"error: {err}; {record_failure(out, str(err))}", file=sys.stderr)
         return NON_FINITE_LOSS
-
-
-def _mark_failed(out: Path, message: str) -> None:
-    """Record in results.json (if any experience finished) why the run stopped."""
-    path = out / "results.json"
-    if path.exists():
-        results = json.loads(path.read_text())
-        results.update(status="failed", error=message)
-        write_json(path, results)
 
 
 def _resume_value(argv: list[str]) -> bool | str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from moe_cl.config import compose
-from moe_cl.results import atomic_write_text, write_json
+from moe_cl.results import atomic_write_text, record_failure, write_json
 
 # Exit codes, as python -m moe_cl.run's.
 USAGE_ERROR = 2
@@ -172,13 +172,8 @@ def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequen
         raise SuiteError(f"{label}: {err}; delete the folder of that checkpoint to train its "
                          "run again") from None
     except NonFiniteLossError as err:
-        results = read_results(results_path)
-        if results is not None:
-            write_json(results_path, {**results, "status": "failed", "error": str(err)})
-        kept = (folder / "checkpoint.pt").exists()
-        raise SuiteError(f"{label}: {err}; " + (
-            "the checkpoint of the last finished experience is kept" if kept
-            else "no experience had finished"), NON_FINITE_LOSS) from None
+        raise SuiteError(f"{label}: {err}; {record_failure(folder, str(err))}",
+                         NON_FINITE_LOSS) from None
     results = read_results(results_path)
     if not _complete(results):
         raise SuiteError(f"{label}: training ended without a complete {results_path}")

@@ -354,3 +354,16 @@ def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         results.write_json(path, {"status": "running", "value": 2})
     assert json.loads(path.read_text()) == {"status": "complete", "value": 1}
+
+
+def test_a_stopped_run_is_marked_failed_and_says_what_it_keeps(tmp_path):
+    from moe_cl.results import record_failure, write_json
+
+    assert record_failure(tmp_path, "loss is nan") == "no experience had finished"
+    assert not (tmp_path / "results.json").exists()
+    write_json(tmp_path / "results.json", {"status": "running", "accuracy_matrix": [[0.5]]})
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert "checkpoint of the last finished experience is kept" in record_failure(
+        tmp_path, "loss is nan")
+    assert json.loads((tmp_path / "results.json").read_text()) == {
+        "status": "failed", "error": "loss is nan", "accuracy_matrix": [[0.5]]}
