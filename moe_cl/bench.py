@@ -55,7 +55,7 @@ from moe_cl.core.bank import Conv, ExpertBank, MaxPool, ReLU
 from moe_cl.core.losses import pairwise_distances, sample_similarity_terms
 from moe_cl.core.mixture import MixtureOfExpertsCore
 from moe_cl.core.zoo import build_mixture, distilled_gate, get_architecture
-from moe_cl.results import write_json
+from moe_cl.run_folder import write_json
 
 SECTIONS = ("bank", "layers", "ls", "epoch", "topk", "memory", "gpu")
 DEFAULT_SECTIONS = ("bank", "layers", "ls", "epoch", "topk", "memory")
@@ -1431,7 +1431,7 @@ def resolve_device(name: str) -> torch.device:
 
 def json_path_problem(path: Path) -> str | None:
     """Why the results could not be written to ``path`` (None: they can)."""
-    from moe_cl.benchmarks import folder_problem
+    from moe_cl.run_folder import folder_problem
 
     if path.is_dir():
         return "is a folder; give the path of a JSON file"

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moe_cl.run_folder import folder_problem
+
 if TYPE_CHECKING:
     from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
 
@@ -185,25 +187,6 @@ def _missing(folder: Path, names: Sequence[str]) -> list[str]:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise DataError(f"cannot look into the data folder {folder}: {reason}") from exc
-
-
-def folder_problem(folder: Path, *, writable: bool = False) -> str | None:
-    """Why ``folder`` cannot be (or become) a folder to read, or with ``writable`` to write,
-    files in; None when it can. Checked before long work, which should not end on it."""
-    path = folder
-    try:
-        while not path.exists() and path != path.parent:
-            path = path.parent
-        is_dir = path.is_dir()
-    except OSError as exc:
-        return f"cannot inspect {path}: {exc.strerror or exc}"
-    if not is_dir:
-        if path == folder:
-            return f"{folder} is not a folder (it is a file)"
-        return f"{folder} cannot be a folder: {path} is a file, not a folder"
-    if writable and not os.access(path, os.W_OK):
-        return f"{path} is not writable"
-    return None
 
 
 def _check_data_root(root: Path) -> None:

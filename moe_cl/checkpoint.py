@@ -10,7 +10,6 @@ checkpoint (corrupt, truncated, or holding pickled objects) is refused with a cl
 from __future__ import annotations
 
 import copy
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from avalanche.training.utils import ParamData
 
 from moe_cl.data import dataset_tensors
 from moe_cl.models import MixtureOfExperts
+from moe_cl.run_folder import atomic_write
 
 FORMAT = 1
 
@@ -141,14 +141,8 @@ def _param_data(data: dict) -> defaultdict:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write through a temporary file and rename: a kill leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save({"format": FORMAT, **state}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    """Written whole or not at all: a kill leaves the previous checkpoint."""
+    atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
 
 
 def load_checkpoint(path: Path) -> dict:

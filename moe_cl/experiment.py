@@ -44,17 +44,10 @@ from moe_cl.core.zoo import Architecture, get_architecture, mlp_architecture
 from moe_cl.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
 from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
 from moe_cl.plugins import ImportanceRegularizer, NonFiniteLossGuard, SampleSimilarityRegularizer
-from moe_cl.results import (
-    atomic_write_text,
-    average_accuracy,
-    average_forgetting,
-    summary_table,
-    write_figures,
-    write_json,
-)
+from moe_cl.results import average_accuracy, average_forgetting, summary_table, write_figures
+from moe_cl.run_folder import CHECKPOINT, atomic_write_text, write_json
 from moe_cl.strategies import MoEStrategy
 
-CHECKPOINT = "checkpoint.pt"
 ACCURACY = "Top1_Acc_Exp/eval_phase/test_stream"
 TASK_AWARE_ACCURACY = "TaskAwareAcc_Exp/eval_phase/test_stream"
 DATASET_ARCHITECTURE = {"mnist": "mnist", "fmnist": "fmnist", "cifar100": "cifar100"}

@@ -1,14 +1,12 @@
 """What a run leaves behind: results.json, figures, and the numbers derived from an accuracy
 matrix. Every file is written to a temporary name and renamed, so a killed run never leaves a
-truncated one."""
+truncated one (moe_cl.run_folder)."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from moe_cl.figures import (
     accuracy_matrix_figure,
@@ -16,33 +14,20 @@ from moe_cl.figures import (
     expert_usage_figure,
     save_figure,
 )
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+from moe_cl.run_folder import CHECKPOINT, RESULTS, write_json
 
 
 def record_failure(folder: Path, message: str) -> str:
     """Mark a stopped run's results.json (there when an experience had finished) as failed with
     ``message``; returns what the run keeps, for the error line."""
-    path = folder / "results.json"
+    path = folder / RESULTS
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         results = None
     if isinstance(results, dict):
         write_json(path, {**results, "status": "failed", "error": message})
-    if (folder / "checkpoint.pt").exists():
+    if (folder / CHECKPOINT).exists():
         return "the checkpoint of the last finished experience is kept"
     return "no experience had finished"
 

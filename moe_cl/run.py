@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe_cl.benchmarks import DataError, folder_problem
+from moe_cl.benchmarks import DataError
 from moe_cl.checkpoint import CheckpointError
 from moe_cl.config import (
     DEFAULT_BENCHMARK,
@@ -30,9 +30,12 @@ from moe_cl.config import (
 )
 from moe_cl.plugins import NonFiniteLossError
 from moe_cl.results import record_failure
-
-USAGE_ERROR = 2
-NON_FINITE_LOSS = 3
+from moe_cl.run_folder import (
+    NON_FINITE_LOSS,
+    USAGE_ERROR,
+    folder_is_complete,
+    folder_problem,
+)
 
 MAIN_KEYS = """\
   seed=0                      device=auto|cpu|cuda         out_dir=PATH
@@ -81,18 +84,13 @@ def _resume_folder(cfg: DictConfig) -> Path:
     else:
         parent = Path("runs") / cfg.benchmark / cfg.strategy
         candidates = sorted(parent.glob(f"{cfg.seed}-*"), key=lambda p: p.stat().st_mtime)
-        unfinished = [p for p in candidates if not _is_complete(p)]
+        unfinished = [p for p in candidates if not folder_is_complete(p)]
         if not unfinished:
             raise ConfigError(f"resume=true: no unfinished run of seed {cfg.seed} under {parent}")
         folder = unfinished[-1]
     if not (folder / "config.yaml").exists():
         raise ConfigError(f"resume: {folder} is not a run folder (no config.yaml)")
     return folder
-
-
-def _is_complete(folder: Path) -> bool:
-    results = folder / "results.json"
-    return results.exists() and '"status": "complete"' in results.read_text()
 
 
 RESUME_KEYS = ("resume=", "out_dir=", "logging.")

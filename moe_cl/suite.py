@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import shutil
 import statistics
@@ -30,11 +29,17 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from moe_cl.config import compose
-from moe_cl.results import atomic_write_text, record_failure, write_json
-
-# Exit codes, as python -m moe_cl.run's.
-USAGE_ERROR = 2
-NON_FINITE_LOSS = 3
+from moe_cl.results import record_failure
+from moe_cl.run_folder import (
+    CHECKPOINT,
+    NON_FINITE_LOSS,
+    RESULTS,
+    USAGE_ERROR,
+    atomic_write_text,
+    is_complete,
+    read_results,
+    write_json,
+)
 
 COLLAPSE_H_U = 0.1  # bits: (nearly) every sample routed to one expert
 FIELDS = ("run", "category", "seed", "train_error", "test_error", "MI_pred", "MI", "H_s", "H_u",
@@ -89,11 +94,11 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
     # Seeds outermost: a partial suite already covers every variant.
     for index, (seed, variant) in enumerate(((s, v) for s in seeds for v in variants), start=1):
         folder = out / variant.name / f"seed-{seed}"
-        results = read_results(folder / "results.json")
-        done = _complete(results)
+        results = read_results(folder)
+        done = is_complete(results)
         if not done and not run:
             continue
-        if run and (done or (folder / "checkpoint.pt").exists()):
+        if run and (done or (folder / CHECKPOINT).exists()):
             _check_settings(benchmark, variant, seed, out, extra)
         if not done:
             run_started = time.perf_counter()
@@ -159,9 +164,9 @@ def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequen
     from moe_cl.plugins import NonFiniteLossError
 
     folder = out / variant.name / f"seed-{seed}"
-    results_path = folder / "results.json"
+    results_path = folder / RESULTS
     label = f"run {variant.name} seed {seed} ({folder})"
-    if results_path.exists() and read_results(results_path) is None:
+    if results_path.exists() and read_results(folder) is None:
         echo(f"{results_path} is unreadable: the run is resumed (or trained again)")
     try:
         _run_or_resume(_run_config(benchmark, variant, seed, out, extra), folder)
@@ -174,8 +179,8 @@ def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequen
     except NonFiniteLossError as err:
         raise SuiteError(f"{label}: {err}; {record_failure(folder, str(err))}",
                          NON_FINITE_LOSS) from None
-    results = read_results(results_path)
-    if not _complete(results):
+    results = read_results(folder)
+    if not is_complete(results):
         raise SuiteError(f"{label}: training ended without a complete {results_path}")
     return results
 
@@ -186,7 +191,7 @@ def _run_config(benchmark: str, variant: Variant, seed: int, out: Path,
     argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
             "logging.interactive=false", "logging.tensorboard=false"]
     teacher = out / variant.teacher / f"seed-{seed}"
-    if variant.teacher and _complete(read_results(teacher / "results.json")):
+    if variant.teacher and is_complete(read_results(teacher)):
         argv.append(f"distill.teacher={teacher}")
     return compose([*argv, *_applicable(compose(argv), extra)])
 
@@ -218,7 +223,7 @@ def _run_or_resume(cfg, folder: Path) -> None:
     """Resume from the run's checkpoint if it has one, else train from the start."""
     from moe_cl.experiment import run_experiment
 
-    resume = (folder / "checkpoint.pt").exists()
+    resume = (folder / CHECKPOINT).exists()
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # started but nothing finished: start again
     folder.mkdir(parents=True, exist_ok=True)
@@ -229,7 +234,7 @@ def _remove_if_nothing_written(folder: Path) -> None:
     """A run folder without results or checkpoint is removed after a usage error (and its
     variant's folder, if that is left empty)."""
     if folder.exists() and not any((folder / f).exists()
-                                   for f in ("results.json", "checkpoint.pt")):
+                                   for f in (RESULTS, CHECKPOINT)):
         shutil.rmtree(folder, ignore_errors=True)
         if folder.parent.is_dir() and not any(folder.parent.iterdir()):
             folder.parent.rmdir()
@@ -279,19 +284,6 @@ def _applicable(base, extra: Sequence[str]) -> list[str]:
     if base.method == "moe" and not base.distill.epochs:
         kept = [a for a in kept if not a.startswith("distill.")]
     return kept
-
-
-def read_results(results_path: Path) -> dict | None:
-    """A run's results.json, or None if it is missing or unreadable (truncated, not JSON)."""
-    try:
-        results = json.loads(results_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return results if isinstance(results, dict) else None
-
-
-def _complete(results: dict | None) -> bool:
-    return results is not None and results.get("status") == "complete"
 
 
 def write_rows(rows: list[dict], csv_path: Path) -> None:

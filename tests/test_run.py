@@ -342,22 +342,41 @@ def test_truncated_data_file_is_a_usage_error_naming_the_file(tmp_path, capsys):
 
 
 def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
-    from moe_cl import results
+    from moe_cl import run_folder
 
     path = tmp_path / "results.json"
-    results.write_json(path, {"status": "complete", "value": 1})
+    run_folder.write_json(path, {"status": "complete", "value": 1})
 
     def broken_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(results.os, "fsync", broken_fsync)
+    monkeypatch.setattr(run_folder.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
-        results.write_json(path, {"status": "running", "value": 2})
+        run_folder.write_json(path, {"status": "running", "value": 2})
     assert json.loads(path.read_text()) == {"status": "complete", "value": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_each_writer_has_its_own_temporary_file(tmp_path, monkeypatch):
+    from moe_cl import run_folder
+
+    seen = []
+    real_replace = Path.replace
+
+    def spy(self, target):
+        seen.append(self.name)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", spy)
+    run_folder.atomic_write_text(tmp_path / "a.png", "1")
+    run_folder.atomic_write_text(tmp_path / "a.png", "2")
+    assert len(set(seen)) == 2 and all(n.startswith(".a.png.") for n in seen)
+    assert (tmp_path / "a.png").read_text() == "2"
 
 
 def test_a_stopped_run_is_marked_failed_and_says_what_it_keeps(tmp_path):
-    from moe_cl.results import record_failure, write_json
+    from moe_cl.results import record_failure
+    from moe_cl.run_folder import write_json
 
     assert record_failure(tmp_path, "loss is nan") == "no experience had finished"
     assert not (tmp_path / "results.json").exists()

@@ -1,0 +1,91 @@
+"""The run folder: what a run writes where, how it is written, and how its end is read.
+
+Every command that makes or reads run folders (``run``, the suites, distillation from a finished
+teacher) goes through these names and functions, so the contract is stated once:
+
+- ``config.yaml`` (the resolved settings), ``results.json`` (``status``: running, complete or
+  failed), ``checkpoint.pt`` (after every experience), ``logs/`` and ``figures/``;
+- every file is written whole or not at all: to a temporary name unique to its writer, then
+  renamed over the old one (two writers never share a temporary file);
+- exit codes: 0 done, 2 usage error, 3 a NaN or infinite loss stopped training.
+
+This module imports neither torch nor Avalanche.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+CONFIG = "config.yaml"
+RESULTS = "results.json"
+CHECKPOINT = "checkpoint.pt"
+
+USAGE_ERROR = 2
+NON_FINITE_LOSS = 3
+
+
+def folder_problem(folder: Path, *, writable: bool = False) -> str | None:
+    """Why ``folder`` cannot be (or become) a folder to read, or with ``writable`` to write,
+    files in; None when it can. Checked before long work, which should not end on it."""
+    path = folder
+    try:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        is_dir = path.is_dir()
+    except OSError as exc:
+        return f"cannot inspect {path}: {exc.strerror or exc}"
+    if not is_dir:
+        if path == folder:
+            return f"{folder} is not a folder (it is a file)"
+        return f"{folder} cannot be a folder: {path} is a file, not a folder"
+    if writable and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a temporary file of this writer's
+    own in the same folder, which is synced and renamed over ``path``. On any error the
+    temporary file is removed and ``path`` keeps its previous content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_results(folder: Path) -> dict | None:
+    """The run's results.json, or None if it is missing or unreadable (truncated, not JSON)."""
+    try:
+        results = json.loads((folder / RESULTS).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def is_complete(results: dict | None) -> bool:
+    """Whether results (as :func:`read_results` gives them) are those of a finished run."""
+    return results is not None and results.get("status") == "complete"
+
+
+def folder_is_complete(folder: Path) -> bool:
+    return is_complete(read_results(folder))
