@@ -9,7 +9,6 @@ model, strategy with plugins, evaluator -> Avalanche's train/eval loop after eve
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import random
 import time
@@ -41,6 +40,7 @@ from moe_cl.checkpoint import (
 from moe_cl.config import ConfigError, load_saved, to_yaml
 from moe_cl.core.bank import count_parameters
 from moe_cl.core.zoo import Architecture, get_architecture, mlp_architecture
+from moe_cl.environment import package_versions
 from moe_cl.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
 from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
 from moe_cl.plugins import ImportanceRegularizer, NonFiniteLossGuard, SampleSimilarityRegularizer
@@ -205,16 +205,6 @@ class Progress:
     train_errors: list = field(default_factory=list)
     wall_time_s: float = 0.0
     epochs_done: int = 0  # inside experience ``completed`` (epoch checkpoints)
-
-
-def _versions() -> dict:
-    out = {}
-    for package in ("torch", "torchvision", "avalanche-lib", "moe-cl"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
 
 
 def _row(results: dict, prefix: str, n: int) -> list[float]:
@@ -481,7 +471,7 @@ def _results(cfg: DictConfig, bundle: BenchmarkBundle, progress: Progress,
         "growth_log": growth,
         "num_parameters": count_parameters(model),
         "wall_time_s": progress.wall_time_s,
-        "versions": _versions(),
+        "versions": package_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "summary": None,
     }
