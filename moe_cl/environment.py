@@ -28,16 +28,22 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
     return out
 
 
-def _cpu_model() -> str:
-    """The processor's name as the kernel reports it (Linux), else what Python can tell."""
+def proc_value(path: str, key: str) -> str | None:
+    """What a ``key: value`` line of a Linux /proc file (cpuinfo, self/status) says of ``key``;
+    None where the file or the line is missing."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    """The processor's name as the kernel reports it (Linux), else what Python can tell."""
+    return proc_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
 
 
 def machine_info(

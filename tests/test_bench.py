@@ -7,13 +7,18 @@ checked exactly, since a benchmark comparing unequal work would be meaningless.
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from moe_cl import bench
+import moe_cl.bench.__main__ as cli
+from moe_cl.bench import epoch, registry, report, runner, training
 
 TIMED_SECTIONS = ("bank", "ls", "epoch", "topk")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,23 +30,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def run_tiny(out: Path, *only: str) -> dict:
+    args = ["--tiny", "--synthetic", "--device", "cpu", "--json", str(out / "bench.json"),
+            "--data-root", str(out / "data")]
+    assert cli.main(args + (["--only", *only] if only else [])) == 0
+    return json.loads((out / "bench.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def tiny_results(tmp_path_factory, one_thread) -> dict:
-    out = tmp_path_factory.mktemp("bench")
-    code = bench.main(
-        [
-            "--tiny",
-            "--synthetic",
-            "--device",
-            "cpu",
-            "--json",
-            str(out / "bench.json"),
-            "--data-root",
-            str(out / "data"),
-        ]
-    )
-    assert code == 0
-    return json.loads((out / "bench.json").read_text())
+    return run_tiny(tmp_path_factory.mktemp("bench"))
 
 
 def test_json_has_machine_info_and_every_section(tiny_results):
@@ -50,7 +48,32 @@ def test_json_has_machine_info_and_every_section(tiny_results):
         assert machine[key] not in (None, ""), key
     assert machine["device"] == "cpu"
     assert tiny_results["preset"] == "tiny"
-    assert set(tiny_results["sections"]) == set(bench.DEFAULT_SECTIONS)
+    assert set(tiny_results["sections"]) == set(registry.DEFAULT_SECTIONS)
+
+
+def _keys(results: dict) -> dict[str, set]:
+    """The keys of each kind of record in a results file (its format, not its values)."""
+    sections = results["sections"]
+    out = {"top": set(results), "machine": set(results["machine"])}
+    for name, section in sections.items():
+        out[name] = set(section)
+        for kind in ("rows", "targets"):
+            for record in section[kind]:
+                out[f"{name} {kind}"] = set(record)
+    if "epoch" in sections:
+        out["epoch info"] = set(sections["epoch"]["info"])
+    if "memory" in sections:
+        out["memory results"] = {k for r in sections["memory"]["info"]["results"] for k in r}
+    return out
+
+
+@pytest.mark.parametrize("committed", sorted(DOCS.glob("bench_cpu*.json")), ids=lambda p: p.name)
+def test_results_keep_the_format_of_the_committed_measurements(tiny_results, committed):
+    old = _keys(json.loads(committed.read_text()))
+    new = _keys(tiny_results)
+    assert old, committed
+    for kind in old.keys() & new.keys():
+        assert new[kind] == old[kind], kind
 
 
 @pytest.mark.parametrize("name", TIMED_SECTIONS)
@@ -96,30 +119,83 @@ def test_memory_section_reports_a_peak_per_case(tiny_results):
 def test_every_epoch_variant_sees_the_same_samples(tiny_results):
     info = tiny_results["sections"]["epoch"]["info"]
     per_variant = info["samples_per_epoch"]
-    assert set(per_variant) == set(bench.EPOCH_VARIANTS)
+    assert set(per_variant) == set(epoch.EPOCH_VARIANTS)
     for counts in per_variant.values():
         assert counts and all(c == info["samples"] for c in counts)
 
 
+def test_each_section_prints_its_own_report(tiny_results):
+    for name, results in tiny_results["sections"].items():
+        text = report.format_section(name, results, registry.load(name))
+        assert text.startswith(f"[{name}] {results['title']}\n")
+        assert f"({results['wall_s']:.1f} s" in text
+    memory = tiny_results["sections"]["memory"]
+    text = report.format_section("memory", memory, registry.load("memory"))
+    assert "bank/mnist/bank" in text and " MB   peak " in text
+    assert "WARNING" not in text  # memory is not a timing
+    ls = tiny_results["sections"]["ls"]
+    text = report.format_section("ls", ls, registry.load("ls"))
+    assert "L_s B=16 M=20: {'max_rel_diff': " in text and "target G G^T vs double loop" in text
+
+
+def test_gpu_section_runs_anywhere(tmp_path, capsys):
+    section = run_tiny(tmp_path, "gpu")["sections"]["gpu"]
+    assert set(section["info"]) == {"paper_fmnist", "paper_cifar100"}
+    for res in section["info"].values():
+        assert res["samples_per_epoch"] > 0 and 0 <= res["test_accuracy"] <= 1
+    assert len(section["rows"]) == 4 and all(row["median_s"] > 0 for row in section["rows"])
+    assert "paper_fmnist: test accuracy 0." in capsys.readouterr().out
+
+
 def test_plain_loop_and_strategy_epochs_see_the_same_samples():
     # 300 samples, batch 128: two full batches and a partial one.
-    experience = bench.synthetic_benchmark(300, 20, (1, 28, 28), 10).train_stream[0]
+    experience = training.synthetic_benchmark(300, 20, (1, 28, 28), 10).train_stream[0]
     cpu = torch.device("cpu")
-    plain = bench.run_plain_loop(experience, epochs=1, batch=128, device=cpu)
-    fast = bench.run_moe_strategy(experience, epochs=1, batch=128, device=cpu, fast_data=True)
+    plain = epoch.run_plain_loop(experience, epochs=1, batch=128, device=cpu)
+    strategy_class, options = epoch.STRATEGIES[epoch.FAST]
+    fast = epoch.run_strategy(strategy_class, experience, epochs=1, batch=128, device=cpu,
+                              **options)
     assert plain.samples == fast.samples == [300]
     assert len(plain.epoch_s) == len(fast.epoch_s) == 1
 
 
+def test_every_registered_section_is_a_module_with_a_section():
+    for name in registry.SECTIONS:
+        section = registry.load(name)
+        assert isinstance(section, registry.Section) and callable(section.run), name
+    assert registry.DEFAULT_SECTIONS == ("bank", "layers", "ls", "epoch", "topk", "memory")
+
+
 def test_cli_options():
-    args = bench.parse_args(["--quick", "--only", "bank", "ls", "--repeats", "2"])
-    sizes = bench.sizes_for(args)
-    assert args.preset == "quick" and args.only == ["bank", "ls"] and sizes.repeats == 2
-    assert bench.parse_args([]).preset == "full"
-    assert bench.sizes_for(bench.parse_args(["--epoch-batch", "128"])).epoch_batch == 128
-    for wrong in (["--quick", "--tiny"], ["--epoch-batch", "0"]):
+    args = cli.parse_args(["--quick", "--only", "bank", "ls", "--repeats", "2"])
+    assert args.preset == "quick" and args.only == ["bank", "ls"] and args.sizes.repeats == 2
+    assert args.options.preset == "quick" and not args.options.synthetic
+    assert cli.parse_args([]).preset == "full"
+    assert cli.parse_args(["--epoch-batch", "128"]).sizes.epoch_batch == 128
+    for wrong in (["--quick", "--tiny"], ["--epoch-batch", "0"], ["--only", "nothing"]):
         with pytest.raises(SystemExit):
-            bench.parse_args(wrong)
+            cli.parse_args(wrong)
+
+
+# ------------------------------------------------------------------------------ light start
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--repeats", "0"], ["--only", "nothing"]])
+def test_help_and_usage_errors_import_neither_avalanche_nor_torch(argv):
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['moe_cl.bench', *{argv!r}]\n"
+        "try:\n"
+        "    runpy.run_module('moe_cl.bench', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'avalanche', 'torch'}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    *_, status, loaded = proc.stdout.strip().splitlines()
+    assert status == ("exit 0" if argv == ["--help"] else "exit 2")
+    assert loaded == "[]"
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -131,7 +207,7 @@ def test_cli_options():
 )
 def test_numeric_options_must_be_positive(option, capsys):
     with pytest.raises(SystemExit) as exc:
-        bench.parse_args([option])
+        cli.parse_args([option])
     assert exc.value.code == 2
     assert option.split("=")[0] + " must be >= 1" in capsys.readouterr().err
 
@@ -141,25 +217,25 @@ def test_json_path_is_checked_before_measuring(tmp_path, capsys):
     a_file.write_text("")
     for wrong in (tmp_path, a_file / "results.json", a_file / "sub" / "results.json"):
         with pytest.raises(SystemExit) as exc:
-            bench.parse_args(["--json", str(wrong)])
+            cli.parse_args(["--json", str(wrong)])
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert f"--json {wrong}: " in err and ("is a folder" in err or "not a folder" in err)
     # A folder still to be created is fine, and the check leaves nothing behind.
-    args = bench.parse_args(["--json", str(tmp_path / "new" / "deeper" / "results.json")])
+    args = cli.parse_args(["--json", str(tmp_path / "new" / "deeper" / "results.json")])
     assert args.json.name == "results.json" and not (tmp_path / "new").exists()
     (tmp_path / "locked").mkdir(mode=0o500)
     if not os.access(tmp_path / "locked", os.W_OK):  # root may write anyway
         with pytest.raises(SystemExit):
-            bench.parse_args(["--json", str(tmp_path / "locked" / "results.json")])
+            cli.parse_args(["--json", str(tmp_path / "locked" / "results.json")])
 
 
 def test_results_are_written_whole(tmp_path, monkeypatch):
     result = {"machine": {"date": "today", "cpu_model": "cpu", "cpu_count": 1,
                           "torch_threads": 1, "device": "cpu"}, "elapsed_s": 1.0}
-    monkeypatch.setattr(bench, "run_bench", lambda args: result)
+    monkeypatch.setattr(runner, "run_bench", lambda args: result)
     path = tmp_path / "new" / "results.json"
-    assert bench.main(["--json", str(path)]) == 0
+    assert cli.main(["--json", str(path)]) == 0
     assert json.loads(path.read_text()) == result
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary left
 
@@ -168,6 +244,6 @@ def test_missing_cuda_is_a_usage_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = tmp_path / "results.json"
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--tiny", "--only", "ls", "--device", "cuda", "--json", str(path)])
+        cli.main(["--tiny", "--only", "ls", "--device", "cuda", "--json", str(path)])
     assert exc.value.code == 2
     assert "--device cuda: " in capsys.readouterr().err and not path.exists()
