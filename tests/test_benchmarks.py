@@ -1,15 +1,12 @@
-"""Tests of the data layer on small synthetic files in the real on-disk formats (no network)."""
+"""Tests of the streams: split and paper streams, class order, subsets, the flip-and-crop batch
+augmentation, on small synthetic files in the real on-disk formats (no network). The file
+readers are tested in test_datasets.py."""
 
 from __future__ import annotations
 
-import gzip
-import os
-import pickle
 import time
 from pathlib import Path
-from urllib.error import URLError
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,28 +14,15 @@ from torch.utils.data import DataLoader
 
 from moe_cl.benchmarks import (
     BENCHMARK_NAMES,
-    CIFAR100_SUPERCLASS_OF,
-    DEBIAN_FMNIST_DIR,
     BenchmarkBundle,
     DataError,
-    cifar100_superclass_of,
     cifar_batch_augment,
     make_benchmark,
     random_flip_crop,
 )
 from moe_cl.data import dataset_tensors
-from tests.datafiles import (
-    IDX_NAMES,
-    cifar100_like_arrays,
-    idx_bytes,
-    mnist_like_arrays,
-    write_cifar100_like,
-    write_mnist_like,
-    write_mnist_like_gz,
-)
-
-IDX_FILES = [name for pair in IDX_NAMES.values() for name in pair]
-NO_DEBIAN = "/nonexistent/moe-cl-debian-fmnist"
+from moe_cl.datasets import CIFAR100_SUPERCLASS_OF, load
+from tests.datafiles import write_cifar100_like, write_mnist_like, write_mnist_like_gz
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +37,6 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     write_cifar100_like(root, n_train=300, n_test=200, seed=0)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _no_debian_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The machine may have the real Debian package; tests opt in to it explicitly.
-    monkeypatch.setenv("MOE_CL_DEBIAN_FMNIST", NO_DEBIAN)
-
-
-def _norm(raw: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    x = torch.from_numpy(raw.astype(np.float32) / 255.0)
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 def _check_split(bundle: BenchmarkBundle, n_exp: int, n_classes: int) -> None:
@@ -86,7 +57,7 @@ def _check_split(bundle: BenchmarkBundle, n_exp: int, n_classes: int) -> None:
     )
 
 
-# ------------------------------------------------------------------------------ MNIST / FMNIST
+# ------------------------------------------------------------------------------ MNIST
 
 
 def test_split_mnist_class_incremental(mnist_root: Path) -> None:
@@ -118,14 +89,25 @@ def test_split_mnist_task_incremental_keeps_global_ids(mnist_root: Path) -> None
         assert set(y.tolist()) == set(b.classes_per_experience[i])  # not remapped to 0..1
 
 
-def test_mnist_values_are_normalised_raw_pixels(mnist_root: Path) -> None:
+def test_paper_stream_holds_the_loaded_data_grouped_by_class(mnist_root: Path) -> None:
     b = make_benchmark("paper_mnist", data_root=mnist_root)
-    images, labels = mnist_like_arrays(200, seed=0)
-    x, y, _ = dataset_tensors(b.benchmark.train_stream[0].dataset)
-    # Avalanche groups samples by class, keeping file order within a class.
-    order = np.argsort(labels, kind="stable")
-    assert torch.equal(y, torch.from_numpy(labels[order].astype(np.int64)))
-    torch.testing.assert_close(x, _norm(images[order][:, None], (0.1307,), (0.3081,)))
+    data = load("mnist", mnist_root)
+    for experience, x, y in (
+        (b.benchmark.train_stream[0], data.train_x, data.train_y),
+        (b.benchmark.test_stream[0], data.test_x, data.test_y),
+    ):
+        # Avalanche groups samples by class, keeping file order within a class.
+        order = torch.argsort(y, stable=True)
+        got_x, got_y, _ = dataset_tensors(experience.dataset)
+        assert torch.equal(got_y, y[order]) and torch.equal(got_x, x[order])
+
+
+def test_data_options_and_errors_reach_the_reader(tmp_path: Path) -> None:
+    debian = write_mnist_like_gz(tmp_path / "debian", n_train=100, n_test=50, seed=5)
+    b = make_benchmark("split_fmnist", data_root=tmp_path / "data", debian_fmnist_dir=debian)
+    _check_split(b, 5, 10)
+    with pytest.raises(DataError, match="MNIST data not found"):
+        make_benchmark("split_mnist", data_root=tmp_path / "nowhere")
 
 
 def test_class_order_seeded_reproducible_and_fixed(mnist_root: Path) -> None:
@@ -155,42 +137,6 @@ def test_paper_mnist_single_experience(mnist_root: Path) -> None:
     assert b.classes_per_experience == [list(range(10))] and b.batch_augment is None
 
 
-def test_fmnist_from_debian_gz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    debian = write_mnist_like_gz(tmp_path / "debian", n_train=100, n_test=50, seed=5)
-    root = tmp_path / "data"
-    b = make_benchmark("split_fmnist", data_root=root, debian_fmnist_dir=debian)
-    raw = root / "FashionMNIST" / "raw"
-    assert sorted(os.listdir(raw)) == sorted(IDX_FILES)  # no leftover temporary files
-    for name in IDX_FILES:
-        assert (raw / name).read_bytes() == gzip.decompress((debian / f"{name}.gz").read_bytes())
-    _check_split(b, 5, 10)
-    images, _ = mnist_like_arrays(100, seed=5)
-    x, _, _ = dataset_tensors(
-        make_benchmark("paper_fmnist", data_root=root).benchmark.train_stream[0].dataset
-    )
-    expected = _norm(images[:, None], (0.2859,), (0.3530,))
-    assert abs(x.mean().item() - expected.mean().item()) < 1e-4
-    assert abs(x.std().item() - expected.std().item()) < 1e-4
-    # The environment variable is an equivalent way to point at the Debian folder.
-    monkeypatch.setenv("MOE_CL_DEBIAN_FMNIST", str(debian))
-    root2 = tmp_path / "data2"
-    assert len(make_benchmark("paper_fmnist", data_root=root2).benchmark.train_stream) == 1
-    assert (root2 / "FashionMNIST" / "raw" / IDX_FILES[0]).is_file()
-
-
-@pytest.mark.skipif(
-    not Path(DEBIAN_FMNIST_DIR, "train-images-idx3-ubyte.gz").is_file(),
-    reason="Debian package dataset-fashion-mnist not installed",
-)
-def test_real_debian_fmnist(tmp_path: Path) -> None:
-    b = make_benchmark("split_fmnist", data_root=tmp_path, debian_fmnist_dir=DEBIAN_FMNIST_DIR)
-    _check_split(b, 5, 10)
-    assert sum(len(e.dataset) for e in b.benchmark.train_stream) == 60000
-    assert sum(len(e.dataset) for e in b.benchmark.test_stream) == 10000
-    x, _, _ = dataset_tensors(b.benchmark.train_stream[0].dataset)
-    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1.0) < 0.1
-
-
 # ------------------------------------------------------------------------------ CIFAR-100
 
 
@@ -207,144 +153,14 @@ def test_split_cifar100(cifar_root: Path) -> None:
     assert x.dtype == torch.float32 and x.shape == (8, 3, 32, 32)
 
 
-def test_paper_cifar100_values(cifar_root: Path) -> None:
+def test_paper_cifar100_single_experience(cifar_root: Path) -> None:
     b = make_benchmark("paper_cifar100", data_root=cifar_root)
     assert len(b.benchmark.train_stream) == 1 and b.batch_augment is cifar_batch_augment
-    te = b.benchmark.test_stream[0]
-    assert len(te.dataset) == 200 and len(b.benchmark.train_stream[0].dataset) == 300
-    data, fine = cifar100_like_arrays(200, seed=1)
-    order = np.argsort(fine, kind="stable")
-    x, y, _ = dataset_tensors(te.dataset)
-    assert torch.equal(y, torch.from_numpy(fine[order]))
-    expected = _norm(
-        data[order].reshape(-1, 3, 32, 32), (0.5074, 0.4867, 0.4411), (0.2011, 0.1987, 0.2025)
-    )
-    torch.testing.assert_close(x, expected)
+    assert len(b.benchmark.train_stream[0].dataset) == 300
+    assert len(b.benchmark.test_stream[0].dataset) == 200
 
 
-def test_cifar100_legacy_pickles(tmp_path: Path) -> None:
-    folder = write_cifar100_like(tmp_path, n_train=100, n_test=100, legacy_format=True)
-    assert b"numpy.core.multiarray" in (folder / "train").read_bytes()
-    b = make_benchmark("paper_cifar100", data_root=tmp_path)
-    assert len(b.benchmark.train_stream[0].dataset) == 100
-    assert b.class_names is not None and b.class_names[0] == "fine_00"
-
-
-def test_cifar100_superclass_of() -> None:
-    assert cifar100_superclass_of(0) == 4 and cifar100_superclass_of(99) == 13
-    assert np.bincount(CIFAR100_SUPERCLASS_OF).tolist() == [5] * 20
-    with pytest.raises(ValueError):
-        cifar100_superclass_of(100)
-
-
-# ------------------------------------------------------------------------------ failures
-
-
-@pytest.mark.parametrize(
-    ("name", "folder", "files", "hint"),
-    [
-        ("split_mnist", "MNIST/raw", IDX_FILES, "download=true"),
-        ("split_fmnist", "FashionMNIST/raw", IDX_FILES, "apt-get install -y dataset-fashion-mnist"),
-        ("paper_cifar100", "cifar-100-python", ["train", "test", "meta"], "download=true"),
-    ],
-)
-def test_missing_data_message_and_no_folder(
-    tmp_path: Path, name: str, folder: str, files: list[str], hint: str
-) -> None:
-    root = tmp_path / "nowhere"
-    with pytest.raises(DataError) as err:
-        make_benchmark(name, data_root=root)
-    msg = str(err.value)
-    assert str(root / folder) in msg and hint in msg
-    assert all(f in msg for f in files)
-    assert not root.exists()
-
-
-def test_download_failure_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchvision.datasets.utils as tvu
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise URLError("no network in tests")
-
-    monkeypatch.setattr(tvu, "download_url", offline)
-    for name in ("split_mnist", "split_fmnist", "split_cifar100"):
-        root = tmp_path / "a" / "b"
-        with pytest.raises(DataError, match="download"):
-            make_benchmark(name, data_root=root, download=True)
-        assert not (tmp_path / "a").exists(), name
-
-
-def test_truncated_idx_file_is_named(tmp_path: Path) -> None:
-    raw = write_mnist_like(tmp_path, n_train=50, n_test=20)
-    path = raw / "train-images-idx3-ubyte"
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
-        make_benchmark("split_mnist", data_root=tmp_path)
-    write_mnist_like(tmp_path, n_train=50, n_test=20)
-    path = raw / "t10k-labels-idx1-ubyte"
-    path.write_bytes(b"\x00\x00\x08\x03" + path.read_bytes()[4:])  # wrong magic number
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
-        make_benchmark("paper_mnist", data_root=tmp_path)
-
-
-@pytest.mark.parametrize("folder", ["MNIST", "FashionMNIST"])
-def test_idx_file_with_wrong_dimensions_is_named(tmp_path: Path, folder: str) -> None:
-    # Right magic number and a size matching the header, but 50 x 784 x 1 "images".
-    raw = write_mnist_like(tmp_path, folder=folder, n_train=50, n_test=20)
-    images, _ = mnist_like_arrays(50, seed=0)
-    path = raw / "train-images-idx3-ubyte"
-    path.write_bytes(idx_bytes(images.reshape(50, 784, 1)))
-    name = "split_mnist" if folder == "MNIST" else "split_fmnist"
-    with pytest.raises(DataError) as err:
-        make_benchmark(name, data_root=tmp_path)
-    msg = str(err.value)
-    assert str(path) in msg and "[50, 784, 1]" in msg and "[N, 28, 28]" in msg
-    assert "download=true" in msg
-    assert ("dataset-fashion-mnist" in msg) == (folder == "FashionMNIST")
-
-
-@pytest.mark.parametrize("name", ["split_mnist", "split_fmnist", "paper_cifar100"])
-def test_data_root_that_is_no_folder_is_named(tmp_path: Path, name: str) -> None:
-    debian = write_mnist_like_gz(tmp_path / "debian", n_train=20, n_test=10)
-    a_file = tmp_path / "a_file"
-    a_file.write_text("not a folder")
-    for root in (a_file, a_file / "sub"):
-        with pytest.raises(DataError) as err:
-            make_benchmark(name, data_root=root, debian_fmnist_dir=debian)
-        msg = str(err.value)
-        assert str(root) in msg and f"{a_file} is " in msg and "not a folder" in msg
-    assert a_file.read_text() == "not a folder"
-
-
-@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
-def test_unpacking_debian_fmnist_into_an_uncreatable_folder(tmp_path: Path) -> None:
-    debian = write_mnist_like_gz(tmp_path / "debian", n_train=20, n_test=10)
-    root = Path("/proc/moe-cl-no-such-folder")
-    with pytest.raises(DataError) as err:
-        make_benchmark("split_fmnist", data_root=root, debian_fmnist_dir=debian)
-    assert f"cannot create the folder {root / 'FashionMNIST' / 'raw'}" in str(err.value)
-
-
-def test_corrupt_cifar_pickles_are_named(tmp_path: Path) -> None:
-    folder = write_cifar100_like(tmp_path, n_train=100, n_test=100)
-    blob = (folder / "train").read_bytes()
-    (folder / "train").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(DataError, match=str(folder / "train")):
-        make_benchmark("split_cifar100", data_root=tmp_path)
-    # A pickle that would run code is refused, not executed.
-    marker = tmp_path / "pwned"
-    (folder / "train").write_bytes(pickle.dumps(_Evil(str(marker))))
-    with pytest.raises(DataError, match="train"):
-        make_benchmark("split_cifar100", data_root=tmp_path)
-    assert not marker.exists()
-
-
-class _Evil:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[object, tuple[str, str]]:
-        return (Path.write_text, (Path(self.path), "x"))  # type: ignore[return-value]
+# ------------------------------------------------------------------------------ arguments
 
 
 def test_bad_arguments(mnist_root: Path) -> None:
@@ -475,17 +291,6 @@ def test_subset_is_class_balanced(mnist_root: Path) -> None:
     b = make_benchmark("paper_mnist", data_root=mnist_root, max_train_samples=20)
     _, y, _ = dataset_tensors(b.benchmark.train_stream[0].dataset)
     assert torch.bincount(y, minlength=10).tolist() == [2] * 10
-
-
-def test_corrupt_debian_gz_is_named_and_cleaned(tmp_path: Path) -> None:
-    debian = write_mnist_like_gz(tmp_path / "debian", n_train=20, n_test=10)
-    bad = debian / "t10k-images-idx3-ubyte.gz"
-    bad.write_bytes(bad.read_bytes()[:30])
-    root = tmp_path / "data"
-    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
-        make_benchmark("paper_fmnist", data_root=root, debian_fmnist_dir=debian)
-    raw = root / "FashionMNIST" / "raw"
-    assert not any(p.name.endswith(".part") for p in raw.glob(".*"))  # no half-written file
 
 
 def test_augment_rejects_bad_input() -> None:
