@@ -9,8 +9,8 @@
 #      MoEStrategy's fast path (whole training set resident on the GPU), its test accuracy, then
 #      one epoch of paper_cifar100 (synthetic CIFAR-shaped tensors when the real files are
 #      absent). Wall times, per-epoch times, samples/s, peak CUDA memory.
-#   3. bench_quick.json: `python -m moe_cl.bench --quick`: the side-by-side sections (bank, ls,
-#      epoch, topk, memory) on the GPU. Skip with GPU_CHECK_BENCH=0.
+#   3. bench_quick.json: `python -m moe_cl.bench --quick`: the side-by-side sections (all but
+#      gpu: bank, layers, ls, epoch, topk, memory) on the GPU. Skip with GPU_CHECK_BENCH=0.
 #   Logs: *.log, env.txt, nvidia-smi.txt.
 #
 # Preparing the carried folders, on a machine with network, from the repository root
