@@ -9,6 +9,7 @@ and ranges it cannot express are checked in :func:`validate`. Every problem beco
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 import moe_cl
 from moe_cl.benchmarks import BENCHMARK_NAMES
+from moe_cl.core.choices import GATES, OUTPUTS, PAPER_ARCHITECTURES, SCALINGS
+from moe_cl.methods import METHODS, key_applies
+from moe_cl.model_options import EXPERT_INITS, POLICIES, SCENARIOS, ExpertPolicy
 
 DEFAULT_BENCHMARK = "split_fmnist"
 DEFAULT_STRATEGY = "attentive_ls"
@@ -63,19 +67,6 @@ class ModelConfig:
     output: str = "expectation"
     mlp_width: int = 64
     mlp_hidden: int = 32
-
-
-@dataclass
-class ExpertsConfig:
-    policy: str = "fixed"
-    per_experience: int = 1
-    freeze_old: bool = False
-    threshold: float = 1.0
-    probe_samples: int = 256
-    # random | copy (added experts start as copies of the busiest ones on the new experience)
-    init: str = "random"
-    # task-incremental: route each sample only among the experts added for its task
-    route_by_task: bool = False
 
 
 @dataclass
@@ -139,7 +130,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    experts: ExpertPolicy = field(default_factory=ExpertPolicy)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
@@ -148,17 +139,19 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
+# Each choice comes from the module that implements it.
+CHOICES: dict[str, Collection[str]] = {
     "data.stream": BENCHMARK_NAMES,
-    "method": ("moe", "naive", "ewc", "lwf", "replay", "joint"),
+    "method": METHODS.keys(),
     "device": ("auto", "cpu", "cuda"),
-    "scenario": ("class", "task"),
-    "model.architecture": ("auto", "mnist", "fmnist", "cifar100", "cifar100_h256", "mlp"),
-    "model.gate": ("softmax", "attentive"),
-    "model.output": ("expectation", "stochastic"),
-    "experts.policy": ("fixed", "grow", "grow_on_demand"),
-    "experts.init": ("random", "copy"),
-    "regularizer.ls.scaling": ("clean", "reference"),
+    "scenario": SCENARIOS,
+    # auto: the benchmark's data set's paper architecture (mlp for tiny)
+    "model.architecture": ("auto", *PAPER_ARCHITECTURES, "mlp"),
+    "model.gate": GATES,
+    "model.output": OUTPUTS,
+    "experts.policy": POLICIES,
+    "experts.init": EXPERT_INITS,
+    "regularizer.ls.scaling": SCALINGS,
 }
 POSITIVE = ("train.batch_size", "train.eval_batch_size", "model.num_experts",
             "experts.per_experience", "experts.probe_samples", "data.n_experiences",
@@ -168,22 +161,7 @@ NON_NEGATIVE = ("train.epochs", "regularizer.importance", "regularizer.ls.beta_s
                 "train.checkpoint_every_epochs", "baseline.ewc_lambda", "baseline.lwf_alpha",
                 "experts.threshold")
 ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature")
-# Keys only some methods read (prefixes). Setting one on the command line for another method
-# is a usage error: it would be ignored silently. Keys no method owns apply to all.
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "moe": ("model.num_experts", "model.gate", "model.output", "experts.", "regularizer.",
-            "distill.", "eval.top_k", "replay."),
-    "replay": ("replay.",),
-    "ewc": ("baseline.ewc_lambda",),
-    "lwf": ("baseline.lwf_alpha", "baseline.lwf_temperature"),
-}
 MAX_SEED = 2**32 - 1  # numpy's limit; Avalanche seeds numpy, random and torch alike
-
-
-def key_applies(method: str, key: str) -> bool:
-    """Whether ``method`` reads the configuration key ``key`` (a dotted name)."""
-    owners = [m for m, prefixes in METHOD_KEYS.items() if key.startswith(prefixes)]
-    return not owners or method in owners
 
 
 # ----------------------------------------------------------------------------- presets
@@ -279,14 +257,21 @@ def compose(argv: list[str]) -> DictConfig:
     cfg.benchmark = benchmark
     cfg.strategy = strategy
     _resolve(cfg)
-    ignored = [a.split("=", 1)[0] for a in overrides
-               if not key_applies(cfg.method, a.split("=", 1)[0])]
-    if ignored:
-        verb = "does" if len(ignored) == 1 else "do"
-        raise ConfigError(f"{', '.join(ignored)} {verb} not apply to method={cfg.method} "
-                          f"(strategy={strategy}) and would be ignored")
+    chosen = [a.split("=", 1)[0] for a in overrides]
+    chosen += [*_flat(strategy_preset), *_flat(per_benchmark.get(benchmark) or {})]
+    _refuse_ignored_keys(cfg.method, list(dict.fromkeys(chosen)), strategy)
     validate(cfg)
     return cfg
+
+
+def _refuse_ignored_keys(method: str, keys: list[str], strategy: str) -> None:
+    """Keys set on the command line or by the strategy preset that the method would ignore
+    silently are a usage error (the benchmark preset's are not: they serve every method)."""
+    ignored = [key for key in keys if not key_applies(method, key)]
+    if ignored and method in METHODS:  # an unknown method is validate's to name
+        verb = "does" if len(ignored) == 1 else "do"
+        raise ConfigError(f"{', '.join(ignored)} {verb} not apply to method={method} "
+                          f"(strategy={strategy}) and would be ignored")
 
 
 def reject_repeated_keys(argv: list[str]) -> None:
@@ -352,16 +337,6 @@ def validate(cfg: DictConfig) -> None:
     _validate_top_k(cfg)
     if not isinstance(cfg.resume, bool | str):
         raise ConfigError(f"resume must be true/false or a run folder, got {cfg.resume!r}")
-    if cfg.method != "moe":
-        moe_only = {
-            "regularizer.importance": cfg.regularizer.importance,
-            "regularizer.ls.beta_s": cfg.regularizer.ls.beta_s,
-            "regularizer.ls.beta_d": cfg.regularizer.ls.beta_d,
-            "distill.epochs": cfg.distill.epochs,
-        }
-        used = [k for k, v in moe_only.items() if v]
-        if used:
-            raise ConfigError(f"{', '.join(used)} only apply to method=moe (got {cfg.method})")
     if cfg.distill.epochs and cfg.model.gate != "attentive":
         raise ConfigError("distill.epochs needs model.gate=attentive (it distils that gate)")
     if cfg.data.stream.startswith("paper_") and cfg.data.n_experiences != 1:

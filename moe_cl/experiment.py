@@ -20,8 +20,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
 from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
-from avalanche.training import EWC, JointTraining, LwF, Naive, Replay
-from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.plugins import EvaluationPlugin
 from omegaconf import DictConfig, OmegaConf
 
 from moe_cl.benchmarks import BenchmarkBundle, make_benchmark
@@ -42,8 +41,10 @@ from moe_cl.core.bank import count_parameters
 from moe_cl.core.zoo import Architecture, get_architecture, mlp_architecture
 from moe_cl.environment import package_versions
 from moe_cl.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
-from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
-from moe_cl.plugins import ImportanceRegularizer, NonFiniteLossGuard, SampleSimilarityRegularizer
+from moe_cl.methods import METHODS
+from moe_cl.model_options import ExpertPolicy
+from moe_cl.models import MixtureOfExperts
+from moe_cl.plugins import NonFiniteLossGuard
 from moe_cl.results import average_accuracy, average_forgetting, summary_table, write_figures
 from moe_cl.run_folder import CHECKPOINT, atomic_write_text, write_json
 from moe_cl.strategies import MoEStrategy
@@ -97,21 +98,7 @@ def build_architecture(cfg: DictConfig, bundle: BenchmarkBundle) -> Architecture
 
 
 def build_model(cfg: DictConfig, bundle: BenchmarkBundle) -> torch.nn.Module:
-    arch = build_architecture(cfg, bundle)
-    if cfg.method != "moe":
-        return SingleExpertModel(architecture=arch, scenario=cfg.scenario)
-    policy = ExpertPolicy(
-        kind=cfg.experts.policy,
-        per_experience=cfg.experts.per_experience,
-        freeze_old=cfg.experts.freeze_old,
-        threshold=cfg.experts.threshold,
-        probe_samples=cfg.experts.probe_samples,
-        init=cfg.experts.init,
-        route_by_task=cfg.experts.route_by_task,
-    )
-    return MixtureOfExperts(architecture=arch, gate=cfg.model.gate,
-                            num_experts=cfg.model.num_experts, output=cfg.model.output,
-                            policy=policy, scenario=cfg.scenario)
+    return METHODS[cfg.method].make_model(cfg, build_architecture(cfg, bundle))
 
 
 def weight_decay(cfg: DictConfig, model: torch.nn.Module) -> float:
@@ -119,28 +106,13 @@ def weight_decay(cfg: DictConfig, model: torch.nn.Module) -> float:
     if cfg.train.weight_decay != "auto":
         return float(cfg.train.weight_decay)
     arch = model.architecture.name
-    softmax_or_single = cfg.method != "moe" or cfg.model.gate == "softmax"
+    softmax_or_single = not METHODS[cfg.method].mixture or cfg.model.gate == "softmax"
     return 1e-3 if arch.startswith("cifar100") and softmax_or_single else 0.0
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                             weight_decay=weight_decay(cfg, model))
-
-
-def build_plugins(cfg: DictConfig) -> list:
-    plugins: list = [NonFiniteLossGuard()]
-    if cfg.method == "moe":
-        if cfg.regularizer.importance > 0:
-            plugins.append(ImportanceRegularizer(weight=cfg.regularizer.importance))
-        ls = cfg.regularizer.ls
-        if ls.beta_s > 0 or ls.beta_d > 0:
-            plugins.append(SampleSimilarityRegularizer(
-                beta_s=ls.beta_s, beta_d=ls.beta_d, scaling=ls.scaling,
-                normalize_max=ls.normalize_max))
-        if cfg.replay.mem_size > 0:
-            plugins.append(ReplayPlugin(mem_size=cfg.replay.mem_size))
-    return plugins
 
 
 def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool) -> EvaluationPlugin:
@@ -168,27 +140,12 @@ def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool) -> 
 
 
 def build_strategy(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   plugins: list, evaluator: EvaluationPlugin, bundle: BenchmarkBundle,
-                   device: torch.device):
+                   evaluator: EvaluationPlugin, bundle: BenchmarkBundle, device: torch.device):
+    """The method's strategy, every method's with the NaN-loss guard."""
     common = dict(model=model, optimizer=optimizer, train_mb_size=cfg.train.batch_size,
                   train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size,
-                  device=device, plugins=plugins, evaluator=evaluator)
-    if cfg.method == "moe":
-        return MoEStrategy(**common, batch_augment=bundle.batch_augment,
-                           fast_data=cfg.train.fast_data, eval_top_k=cfg.eval.top_k)
-    criterion = torch.nn.NLLLoss()
-    if cfg.method == "naive":
-        return Naive(**common, criterion=criterion)
-    if cfg.method == "joint":
-        return JointTraining(**common, criterion=criterion)
-    if cfg.method == "ewc":
-        return EWC(**common, criterion=criterion, ewc_lambda=cfg.baseline.ewc_lambda)
-    if cfg.method == "lwf":
-        return LwF(**common, criterion=criterion, alpha=cfg.baseline.lwf_alpha,
-                   temperature=cfg.baseline.lwf_temperature)
-    if cfg.method == "replay":
-        return Replay(**common, criterion=criterion, mem_size=max(cfg.replay.mem_size, 1))
-    raise ValueError(f"unknown method {cfg.method!r}")
+                  device=device, plugins=[NonFiniteLossGuard()], evaluator=evaluator)
+    return METHODS[cfg.method].build_strategy(cfg, common, bundle)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -272,7 +229,6 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
     bundle = bundle or build_benchmark(cfg)
     model = build_model(cfg, bundle)
     optimizer = build_optimizer(cfg, model)
-    plugins = build_plugins(cfg)
     progress = Progress()
     checkpoint_path = out / CHECKPOINT
     log_dir = out / "logs"
@@ -286,7 +242,7 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
         return _finished_results(cfg, out, bundle, model, state, device)
     is_moe = isinstance(model, MixtureOfExperts)
     evaluator = build_evaluator(cfg, log_dir, routing=is_moe)
-    strategy = build_strategy(cfg, model, optimizer, plugins, evaluator, bundle, device)
+    strategy = build_strategy(cfg, model, optimizer, evaluator, bundle, device)
     if not (out / "config.yaml").exists():
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
 
@@ -309,7 +265,8 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
     train_stream = list(bundle.benchmark.train_stream)
     test_stream = list(bundle.benchmark.test_stream)
     n_test = len(test_stream)
-    stages = [train_stream] if cfg.method == "joint" else [[e] for e in train_stream]
+    joint = METHODS[cfg.method].joint
+    stages = [train_stream] if joint else [[e] for e in train_stream]
     teacher_ready = bool(cfg.distill.teacher) and not state
     if teacher_ready:
         teacher = load_teacher(cfg, model, len(stages))
@@ -333,7 +290,7 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
             epoch_checkpoints.offset = skip
         if not teacher_ready:
             strategy.train_epochs = cfg.train.epochs - skip
-            strategy.train(stage if cfg.method == "joint" else stage[0], eval_streams=[])
+            strategy.train(stage if joint else stage[0], eval_streams=[])
             strategy.train_epochs = cfg.train.epochs
         evaluating = strategy
         if is_moe and cfg.distill.epochs:
@@ -427,7 +384,7 @@ def _plain(node):
 
 
 def _stage_count(cfg: DictConfig, bundle: BenchmarkBundle) -> int:
-    return 1 if cfg.method == "joint" else len(bundle.benchmark.train_stream)
+    return 1 if METHODS[cfg.method].joint else len(bundle.benchmark.train_stream)
 
 
 def _results(cfg: DictConfig, bundle: BenchmarkBundle, progress: Progress,

@@ -11,8 +11,7 @@ regulariser plugins and routing metrics.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict
 
 import torch
 from avalanche.benchmarks.scenarios import CLExperience
@@ -23,53 +22,7 @@ from moe_cl.core.mixture import MixtureOfExpertsCore, MoEOutput, masked_log_soft
 from moe_cl.core.zoo import Architecture, build_single_model, distilled_gate, get_architecture
 from moe_cl.core.zoo import build_mixture as build_core_mixture
 from moe_cl.data import dataset_tensors
-
-PolicyKind = Literal["fixed", "grow", "grow_on_demand"]
-ExpertInit = Literal["random", "copy"]
-EXPERT_INITS = ("random", "copy")
-Scenario = Literal["class", "task"]
-POLICIES = ("fixed", "grow", "grow_on_demand")
-SCENARIOS = ("class", "task")
-
-
-@dataclass
-class ExpertPolicy:
-    """How the pool of experts changes from one training experience to the next.
-
-    ``fixed``: the initial experts are reused on every experience.
-    ``grow``: ``per_experience`` experts are added at each experience after the first.
-    ``grow_on_demand``: experts are added only when the pool fits the new experience poorly:
-    on up to ``probe_samples`` samples of it, the mean over samples of the lowest cross-entropy
-    of any single expert (nats, masked to the classes known after adding the experience's ones)
-    must exceed ``threshold``.
-    ``freeze_old``: when experts are added, the existing ones stop training.
-    ``init``: how added experts start. ``random``: freshly initialised. ``copy``: as copies of
-    the experts the gate sends most of the new experience's probe samples to (the busiest
-    first), so that they start with the same routing score as their source instead of losing
-    to a gate that has saturated on it; they then diverge by training.
-    ``route_by_task`` (task-incremental only): a sample is routed only among the experts added
-    for its task (the initial experts belong to the first task; a task that added none may use
-    them all), so the gate cannot send a task to experts that never learnt it.
-    """
-
-    kind: PolicyKind = "fixed"
-    per_experience: int = 1
-    freeze_old: bool = False
-    threshold: float = 1.0
-    probe_samples: int = 256
-    init: ExpertInit = "random"
-    route_by_task: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in POLICIES:
-            raise ValueError(f"experts.policy must be one of {POLICIES}, got {self.kind!r}")
-        if self.per_experience < 1:
-            raise ValueError(f"experts.per_experience must be >= 1, got {self.per_experience}")
-        if self.probe_samples < 1:
-            raise ValueError(f"probe_samples must be >= 1, got {self.probe_samples}")
-        if self.init not in EXPERT_INITS:
-            raise ValueError(f"experts.init must be one of {EXPERT_INITS}, got {self.init!r}")
-
+from moe_cl.model_options import SCENARIOS, ExpertPolicy, Scenario
 
 NO_TASK_LABELS = object()  # forward(x) without labels: one output under the class-IL mask
 
@@ -251,11 +204,11 @@ class MixtureOfExperts(ClassMasking):
         task = experience.task_labels[0] if self.scenario == "task" else 0
         if first:
             self._set_expert_tasks([task] * self.num_experts)
-        if first or self.policy.kind == "fixed":
+        if first or self.policy.policy == "fixed":
             return
-        entry = {"experience": experience.current_experience, "policy": self.policy.kind}
+        entry = {"experience": experience.current_experience, "policy": self.policy.policy}
         probe = None  # one probe pass serves both the growth decision and the copy sources
-        if self.policy.kind == "grow_on_demand":
+        if self.policy.policy == "grow_on_demand":
             probe = self.probe(experience)
             score = self.novelty_score(experience, probe)
             entry.update(score=score, threshold=self.policy.threshold)

@@ -11,15 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_cl.benchmarks import DataError
 from moe_cl.checkpoint import CheckpointError
 from moe_cl.config import (
+    CHOICES,
     DEFAULT_BENCHMARK,
     DEFAULT_STRATEGY,
     ConfigError,
+    RunConfig,
     changed_settings,
     compose,
     load_saved,
@@ -28,6 +31,7 @@ from moe_cl.config import (
     preset_names,
     reject_repeated_keys,
 )
+from moe_cl.methods import METHODS
 from moe_cl.plugins import NonFiniteLossError
 from moe_cl.results import record_failure
 from moe_cl.run_folder import (
@@ -37,19 +41,18 @@ from moe_cl.run_folder import (
     folder_problem,
 )
 
-MAIN_KEYS = """\
-  seed=0                      device=auto|cpu|cuda         out_dir=PATH
-  resume=true|RUN_FOLDER      scenario=class|task
-  data.root=data              data.download=false          data.n_experiences=5
-  train.epochs  train.batch_size  train.lr  train.weight_decay=auto  train.fast_data=true
-  model.num_experts           model.gate=softmax|attentive model.output=expectation|stochastic
-  experts.policy=fixed|grow|grow_on_demand   experts.per_experience=1   experts.freeze_old=false
-  experts.threshold=1.0       experts.init=random|copy     experts.route_by_task=false
-  regularizer.importance=0.0
-  regularizer.ls.beta_s=0     regularizer.ls.beta_d=0      regularizer.ls.scaling=clean|reference
-  replay.mem_size=0           distill.epochs=0             distill.teacher=RUN_FOLDER
-  eval.top_k=null
-  logging.interactive=true    logging.tensorboard=true     logging.csv=true"""
+# The keys --help shows: with their choices (config.CHOICES), a placeholder, or their default.
+MAIN_KEYS = (
+    "seed", "device", "out_dir", "resume", "scenario", "data.root", "data.download",
+    "data.n_experiences", "train.epochs", "train.batch_size", "train.lr", "train.weight_decay",
+    "train.fast_data", "model.architecture", "model.num_experts", "model.gate", "model.output",
+    "experts.policy", "experts.per_experience", "experts.freeze_old", "experts.threshold",
+    "experts.init", "experts.route_by_task", "regularizer.importance", "regularizer.ls.beta_s",
+    "regularizer.ls.beta_d", "regularizer.ls.scaling", "replay.mem_size", "distill.epochs",
+    "distill.teacher", "eval.top_k", "logging.interactive", "logging.tensorboard", "logging.csv",
+)
+PLACEHOLDERS = {"out_dir": "PATH", "resume": "true|RUN_FOLDER", "distill.teacher": "RUN_FOLDER"}
+HELP_WIDTH = 96
 
 
 def help_text() -> str:
@@ -64,8 +67,30 @@ def help_text() -> str:
     lines += [f"  {n:<22}{preset_description('benchmark', n)}" for n in preset_names("benchmark")]
     lines += ["", f"strategies (default {DEFAULT_STRATEGY}):"]
     lines += [f"  {n:<22}{preset_description('strategy', n)}" for n in preset_names("strategy")]
-    lines += ["", "main keys (any key of config.yaml can be set with dotted.key=value):", MAIN_KEYS]
-    return "\n".join(lines)
+    lines += ["", "methods (each strategy preset names one; method=NAME overrides it):"]
+    lines += [f"  {m.name:<22}{m.description}" for m in METHODS.values()]
+    lines += ["", "main keys (any key of config.yaml can be set with dotted.key=value):"]
+    return "\n".join([*lines, *_columns([_key_hint(key) for key in MAIN_KEYS])])
+
+
+def _key_hint(key: str) -> str:
+    if key in PLACEHOLDERS:
+        return f"{key}={PLACEHOLDERS[key]}"
+    if key in CHOICES:
+        return f"{key}={'|'.join(CHOICES[key])}"
+    default = OmegaConf.select(OmegaConf.structured(RunConfig), key)
+    return f"{key}={yaml.safe_dump(default).splitlines()[0]}"
+
+
+def _columns(cells: list[str], width: int = 28) -> list[str]:
+    """Cells padded to multiples of ``width``, as many to a line as fit in HELP_WIDTH."""
+    lines, line = [], "  "
+    for cell in cells:
+        if len(line) + len(cell) > HELP_WIDTH:
+            lines.append(line.rstrip())
+            line = "  "
+        line += cell.ljust(-(-(len(cell) + 1) // width) * width)
+    return [*lines, line.rstrip()]
 
 
 def _run_folder(cfg: DictConfig) -> Path:

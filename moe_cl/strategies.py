@@ -130,7 +130,7 @@ def _check_online_ewc(model: MixtureOfExperts, plugins: Sequence[BasePlugin]) ->
     """Avalanche's online EWC pairs old and new importances by position, so parameters added
     by growth must come last: true of the attentive gate, not of a softmax gate's new rows."""
     online = any(isinstance(p, EWCPlugin) and p.mode == "online" for p in plugins)
-    if online and model.policy.kind != "fixed" and not isinstance(model.core.gate, AttentiveGate):
+    if online and model.policy.policy != "fixed" and not isinstance(model.core.gate, AttentiveGate):
         raise ValueError(
             "EWCPlugin(mode='online') cannot follow a growing mixture with a softmax gate (its "
             "new output rows sit between old parameters); use mode='separate', the attentive "

@@ -29,6 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from moe_cl.config import compose
+from moe_cl.methods import key_applies
 from moe_cl.results import record_failure
 from moe_cl.run_folder import (
     CHECKPOINT,
@@ -278,10 +279,8 @@ def parse_suite_arguments(parser: argparse.ArgumentParser, argv: list[str] | Non
 def _applicable(base, extra: Sequence[str]) -> list[str]:
     """The suite-wide overrides that apply to a run: keys only some methods read (the mixture's,
     replay's, EWC's, LwF's) only to those, the distillation's only to runs that distil."""
-    from moe_cl.config import key_applies
-
     kept = [a for a in extra if key_applies(base.method, a.split("=", 1)[0].strip())]
-    if base.method == "moe" and not base.distill.epochs:
+    if not base.distill.epochs:
         kept = [a for a in kept if not a.startswith("distill.")]
     return kept
 

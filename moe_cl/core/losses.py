@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from moe_cl.core.choices import SCALINGS, Scaling
 from moe_cl.core.mixture import EPS
-
-Scaling = Literal["clean", "reference"]
 
 
 def expectation_nll(gate: Tensor, expert_log_probs: Tensor, target: Tensor) -> Tensor:
@@ -89,7 +87,7 @@ def sample_similarity_loss(
     ``clean``: (beta_s S_same - beta_d S_diff) / B^2.
     ``reference``: beta_s S_same - beta_d S_diff / B^2, the form behind the published numbers.
     """
-    if scaling not in ("clean", "reference"):
+    if scaling not in SCALINGS:
         raise ValueError(f"scaling must be 'clean' or 'reference', got {scaling!r}")
     b2 = float(gate.shape[0]) ** 2
     s_same, s_diff = sample_similarity_terms(gate, distances)

@@ -6,16 +6,15 @@ Losses and routing metrics read :class:`MoEOutput` instead of running the model 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from moe_cl.core.bank import ExpertBank, check_input
+from moe_cl.core.choices import OUTPUTS, OutputMode
 from moe_cl.core.gates import AttentiveGate, Gate
 
 EPS = 1e-7
-OutputMode = Literal["expectation", "stochastic"]
 
 
 @dataclass
@@ -70,7 +69,7 @@ class MixtureOfExpertsCore(nn.Module):
         self, bank: ExpertBank, gate: Gate, *, output: OutputMode = "expectation"
     ) -> None:
         super().__init__()
-        if output not in ("expectation", "stochastic"):
+        if output not in OUTPUTS:
             raise ValueError(f"output must be 'expectation' or 'stochastic', got {output!r}")
         if isinstance(gate, AttentiveGate) and gate.hidden_size != bank.hidden_size:
             raise ValueError(

@@ -32,11 +32,9 @@ from moe_cl.core.bank import (
     ReferenceExpert,
     ReLU,
 )
+from moe_cl.core.choices import GATES, GateKind
 from moe_cl.core.gates import AttentiveGate, SoftmaxGate
 from moe_cl.core.mixture import MixtureOfExpertsCore, OutputMode
-
-GateKind = str  # "softmax" | "attentive"
-GATE_KINDS = ("softmax", "attentive")
 
 
 @dataclass(frozen=True)
@@ -182,7 +180,7 @@ def build_gate(arch: Architecture, kind: GateKind, num_experts: int) -> SoftmaxG
         return SoftmaxGate(arch.gate_network("softmax"), arch.gate_features, num_experts)
     if kind == "attentive":
         return AttentiveGate(arch.gate_network("attentive"), arch.hidden_size)
-    raise ValueError(f"gate must be one of {GATE_KINDS}, got {kind!r}")
+    raise ValueError(f"gate must be one of {GATES}, got {kind!r}")
 
 
 def build_mixture(
