@@ -24,13 +24,15 @@ from avalanche.training.utils import ParamData
 
 from moe_cl.data import dataset_tensors
 from moe_cl.models import MixtureOfExperts
-from moe_cl.run_folder import atomic_write
+from moe_cl.run_folder import USAGE_ERROR, atomic_write
 
 FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not fit the run."""
+    """A checkpoint could not be read or does not fit the run (a usage error)."""
+
+    exit_code = USAGE_ERROR
 
 
 # ----------------------------------------------------------------------------- RNG

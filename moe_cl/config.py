@@ -23,6 +23,7 @@ from moe_cl.benchmarks import BENCHMARK_NAMES
 from moe_cl.core.choices import GATES, OUTPUTS, PAPER_ARCHITECTURES, SCALINGS
 from moe_cl.methods import METHODS, key_applies
 from moe_cl.model_options import EXPERT_INITS, POLICIES, SCENARIOS, ExpertPolicy
+from moe_cl.run_folder import USAGE_ERROR
 
 DEFAULT_BENCHMARK = "split_fmnist"
 DEFAULT_STRATEGY = "attentive_ls"
@@ -31,7 +32,9 @@ BY_BENCHMARK = "by_benchmark"
 
 
 class ConfigError(ValueError):
-    """A usage error in presets or overrides (the CLI exits with code 2)."""
+    """A usage error in presets or overrides."""
+
+    exit_code = USAGE_ERROR
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_cl.run_folder import folder_problem
+from moe_cl.run_folder import USAGE_ERROR, folder_problem
 
 __all__ = [
     "CIFAR100_SUPERCLASS_OF",
@@ -75,6 +75,8 @@ Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 class DataError(Exception):
     """Data missing, unreadable or corrupt; the message tells the user what to do."""
+
+    exit_code = USAGE_ERROR
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ model, strategy with plugins, evaluator -> Avalanche's train/eval loop after eve
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,19 @@ from moe_cl.model_options import ExpertPolicy
 from moe_cl.models import MixtureOfExperts
 from moe_cl.plugins import NonFiniteLossGuard
 from moe_cl.results import average_accuracy, average_forgetting, summary_table, write_figures
-from moe_cl.run_folder import CHECKPOINT, atomic_write_text, write_json
+from moe_cl.run_folder import (
+    CHECKPOINT,
+    COMPLETE,
+    CONFIG,
+    RESULTS,
+    RUNNING,
+    atomic_write_text,
+    folder_is_complete,
+    has_checkpoint,
+    is_complete,
+    read_results,
+    write_json,
+)
 from moe_cl.strategies import MoEStrategy
 
 ACCURACY = "Top1_Acc_Exp/eval_phase/test_stream"
@@ -243,8 +254,8 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
     is_moe = isinstance(model, MixtureOfExperts)
     evaluator = build_evaluator(cfg, log_dir, routing=is_moe)
     strategy = build_strategy(cfg, model, optimizer, evaluator, bundle, device)
-    if not (out / "config.yaml").exists():
-        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    if not (out / CONFIG).exists():
+        atomic_write_text(out / CONFIG, to_yaml(cfg))
 
     def save(epochs_done: int = 0) -> None:
         progress.epochs_done = epochs_done
@@ -312,12 +323,12 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
              f"{average_accuracy(progress.accuracy_matrix):.4f}")
         results_dict = _results(cfg, bundle, progress, evaluating.model, device,
                                 complete=index + 1 == len(stages), n_train=len(train_stream))
-        write_json(out / "results.json", results_dict)
+        write_json(out / RESULTS, results_dict)
     if cfg.logging.figures:
         results_dict["figures"] = write_figures(out, progress.routing_history,
                                                 progress.accuracy_matrix,
                                                 getattr(bundle, "class_names", None))
-        write_json(out / "results.json", results_dict)
+        write_json(out / RESULTS, results_dict)
     return results_dict
 
 
@@ -326,13 +337,10 @@ def _finished_results(cfg: DictConfig, out: Path, bundle: BenchmarkBundle,
     """results.json of a finished run; rebuilt from the checkpoint when the file is missing,
     unreadable or older than it (a kill between the two writes), and its figures drawn when a
     kill came before them (written last)."""
-    path = out / "results.json"
+    path = out / RESULTS
     progress = Progress(**state["progress"])
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = None
-    if not isinstance(results, dict) or results.get("status") != "complete":
+    results = read_results(out)
+    if not is_complete(results):
         load_model_state(model, state["model"])
         if isinstance(model, MixtureOfExperts) and cfg.distill.epochs:
             model = copy.deepcopy(model)
@@ -361,12 +369,10 @@ def load_teacher(cfg: DictConfig, model: torch.nn.Module, n_stages: int) -> dict
     if n_stages != 1:
         raise ConfigError("distill.teacher works on single-experience benchmarks (paper_*); "
                           f"{cfg.benchmark} has {n_stages} experiences")
-    results_path = folder / "results.json"
-    if not (results_path.exists() and (folder / CHECKPOINT).exists()
-            and json.loads(results_path.read_text()).get("status") == "complete"):
+    if not (folder_is_complete(folder) and has_checkpoint(folder)):
         raise ConfigError(f"distill.teacher={folder}: no finished run there (expected "
-                          f"config.yaml, results.json with status complete and {CHECKPOINT})")
-    saved = load_saved(folder / "config.yaml")
+                          f"{CONFIG}, {RESULTS} with status {COMPLETE} and {CHECKPOINT})")
+    saved = load_saved(folder / CONFIG)
     if saved.distill.epochs:
         raise ConfigError(f"distill.teacher={folder} is itself a distilled run")
     differing = [key for key in TEACHER_KEYS
@@ -396,7 +402,7 @@ def _results(cfg: DictConfig, bundle: BenchmarkBundle, progress: Progress,
     task_aware = progress.task_aware_matrix if cfg.scenario == "class" else None
     matrix = progress.accuracy_matrix
     return {
-        "status": "complete" if complete else "running",
+        "status": COMPLETE if complete else RUNNING,
         "benchmark": cfg.benchmark,
         "strategy": cfg.strategy,
         "method": cfg.method,

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from moe_cl.core.losses import Scaling, importance_loss, pairwise_distances, sample_similarity_loss
 from moe_cl.models import routing_output
+from moe_cl.run_folder import NON_FINITE_LOSS
 
 
 class RoutingRegularizer(SupervisedPlugin):
@@ -88,6 +89,8 @@ class SampleSimilarityRegularizer(RoutingRegularizer):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+    exit_code = NON_FINITE_LOSS
 
 
 class NonFiniteLossGuard(SupervisedPlugin):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from moe_cl.figures import heatmaps_side_by_side, save_figure
+from moe_cl.run_folder import read_results
 from moe_cl.suite import (
     COLLAPSE_H_U,
     SuiteError,
@@ -210,8 +210,8 @@ def write_heatmaps(out: Path, table: dict, rows: list[dict],
         if name not in table:
             continue
         best = table[name]["best_run"]
-        results = out / best["run"] / f"seed-{best['seed']}" / "results.json"
-        counts = json.loads(results.read_text()).get("expert_class_counts")
+        results = read_results(out / best["run"] / f"seed-{best['seed']}") or {}
+        counts = results.get("expert_class_counts")
         if counts:
             matrices[f"{name} (seed {best['seed']}, test error {best['test_error']:.3f})"] = counts
     if not matrices:

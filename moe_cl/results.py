@@ -1,10 +1,7 @@
-"""What a run leaves behind: results.json, figures, and the numbers derived from an accuracy
-matrix. Every file is written to a temporary name and renamed, so a killed run never leaves a
-truncated one (moe_cl.run_folder)."""
+"""The numbers derived from an accuracy matrix, the run's figures and its printed summary."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,22 +11,6 @@ from moe_cl.figures import (
     expert_usage_figure,
     save_figure,
 )
-from moe_cl.run_folder import CHECKPOINT, RESULTS, write_json
-
-
-def record_failure(folder: Path, message: str) -> str:
-    """Mark a stopped run's results.json (there when an experience had finished) as failed with
-    ``message``; returns what the run keeps, for the error line."""
-    path = folder / RESULTS
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = None
-    if isinstance(results, dict):
-        write_json(path, {**results, "status": "failed", "error": message})
-    if (folder / CHECKPOINT).exists():
-        return "the checkpoint of the last finished experience is kept"
-    return "no experience had finished"
 
 
 def average_accuracy(matrix: Sequence[Sequence[float]]) -> float:

@@ -6,7 +6,6 @@ corrupt data, unusable checkpoint); 3 training stopped on a NaN or infinite loss
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,8 +14,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe_cl.benchmarks import DataError
-from moe_cl.checkpoint import CheckpointError
 from moe_cl.config import (
     CHOICES,
     DEFAULT_BENCHMARK,
@@ -32,13 +29,12 @@ from moe_cl.config import (
     reject_repeated_keys,
 )
 from moe_cl.methods import METHODS
-from moe_cl.plugins import NonFiniteLossError
-from moe_cl.results import record_failure
 from moe_cl.run_folder import (
-    NON_FINITE_LOSS,
-    USAGE_ERROR,
+    CONFIG,
+    end_failed_run,
     folder_is_complete,
     folder_problem,
+    make_folder,
 )
 
 # The keys --help shows: with their choices (config.CHOICES), a placeholder, or their default.
@@ -113,7 +109,7 @@ def _resume_folder(cfg: DictConfig) -> Path:
         if not unfinished:
             raise ConfigError(f"resume=true: no unfinished run of seed {cfg.seed} under {parent}")
         folder = unfinished[-1]
-    if not (folder / "config.yaml").exists():
+    if not (folder / CONFIG).exists():
         raise ConfigError(f"resume: {folder} is not a run folder (no config.yaml)")
     return folder
 
@@ -136,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return 0
-    created: Path | None = None
+    made: Path | None = None
     out = Path(".")
     try:
         reject_repeated_keys(argv)
@@ -145,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if resume_only or (cfg is not None and cfg.resume not in (False, "false")):
             probe = cfg if cfg is not None else _resume_probe(argv)
             out = _resume_folder(probe)
-            saved = load_saved(out / "config.yaml")
+            saved = load_saved(out / CONFIG)
             if cfg is not None:
                 _check_same_config(saved, cfg)
             logging = [a for a in argv if a.startswith("logging.")]
@@ -160,27 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         from moe_cl.experiment import build_benchmark, print_summary, run_experiment
 
         bundle = build_benchmark(cfg)  # data errors surface before any folder is made
-        if not out.exists():
-            try:
-                out.mkdir(parents=True)
-            except OSError as err:
-                raise ConfigError(f"cannot create the run folder {out}: {err.strerror}") from None
-            created = out
+        try:
+            made = make_folder(out)
+        except OSError as err:
+            raise ConfigError(f"cannot create the run folder {out}: {err.strerror}") from None
         print(f"run folder: {out}")
         results = run_experiment(cfg, out, resume=resume, bundle=bundle)
         print_summary(results)
         return 0
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        _remove_if_nothing_written(created)
-        return USAGE_ERROR
-    except ValueError as err:  # model/data combinations the schema cannot express
-        print(f"error: {err}", file=sys.stderr)
-        _remove_if_nothing_written(created)
-        return USAGE_ERROR
-    except NonFiniteLossError as err:
-        print(f"error: {err}; {record_failure(out, str(err))}", file=sys.stderr)
-        return NON_FINITE_LOSS
+    except Exception as err:
+        code, message = end_failed_run(err, out, made)  # raises err again if it is a bug
+        print(f"error: {message}", file=sys.stderr)
+        return code
 
 
 def _resume_value(argv: list[str]) -> bool | str:
@@ -204,12 +191,6 @@ def _resume_probe(argv: list[str]) -> DictConfig:
     values = dict(a.split("=", 1) for a in argv if a.startswith("out_dir="))
     return DictConfig({"resume": _resume_value(argv), "out_dir": values.get("out_dir"),
                        "benchmark": DEFAULT_BENCHMARK, "strategy": DEFAULT_STRATEGY, "seed": 0})
-
-
-def _remove_if_nothing_written(folder: Path | None) -> None:
-    """A run folder made by this call and holding no result is removed on a usage error."""
-    if folder is not None and folder.exists() and not (folder / "results.json").exists():
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

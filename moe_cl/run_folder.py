@@ -7,7 +7,10 @@ teacher) goes through these names and functions, so the contract is stated once:
   failed), ``checkpoint.pt`` (after every experience), ``logs/`` and ``figures/``;
 - every file is written whole or not at all: to a temporary name unique to its writer, then
   renamed over the old one (two writers never share a temporary file);
-- exit codes: 0 done, 2 usage error, 3 a NaN or infinite loss stopped training.
+- exit codes: 0 done, 2 usage error, 3 a NaN or infinite loss stopped training; a failed run
+  ends the same way under every command (:func:`end_failed_run`): a NaN loss marks results.json
+  failed, a usage error removes the folder the command made for the run if nothing worth
+  keeping (results, checkpoint) was written in it.
 
 This module imports neither torch nor Avalanche.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +28,8 @@ from typing import IO, Any
 CONFIG = "config.yaml"
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
+# results.json's "status"
+RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
 
 USAGE_ERROR = 2
 NON_FINITE_LOSS = 3
@@ -84,8 +90,74 @@ def read_results(folder: Path) -> dict | None:
 
 def is_complete(results: dict | None) -> bool:
     """Whether results (as :func:`read_results` gives them) are those of a finished run."""
-    return results is not None and results.get("status") == "complete"
+    return results is not None and results.get("status") == COMPLETE
 
 
 def folder_is_complete(folder: Path) -> bool:
     return is_complete(read_results(folder))
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / CHECKPOINT).exists()
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit status of a command whose run failed with ``error``: the error class's own
+    ``exit_code`` (ConfigError, DataError, CheckpointError: 2; NonFiniteLossError: 3), 2 for
+    any other ValueError (a combination of settings the schema cannot express); None for
+    anything else, which is a bug to let through."""
+    code = getattr(error, "exit_code", None)
+    if code is None and isinstance(error, ValueError):
+        return USAGE_ERROR
+    return code
+
+
+def end_failed_run(error: BaseException, folder: Path, made: Path | None) -> tuple[int, str]:
+    """Leave the run ``folder`` as a failure with ``error`` leaves it, and return the exit code
+    and the error line: a NaN loss marks results.json failed and says what the run keeps; a
+    usage error discards what this command made (``made``, see :func:`make_folder`) if nothing
+    worth keeping was written. Raises ``error`` again when it is a bug (:func:`exit_code`)."""
+    code = exit_code(error)
+    if code is None:
+        raise error
+    if code == NON_FINITE_LOSS:
+        return code, f"{error}; {record_failure(folder, str(error))}"
+    discard_if_empty(folder, made)
+    return code, str(error)
+
+
+def record_failure(folder: Path, message: str) -> str:
+    """Mark a stopped run's results.json (there when an experience had finished) as failed with
+    ``message``; returns what the run keeps, for the error line."""
+    results = read_results(folder)
+    if results is not None:
+        write_json(folder / RESULTS, {**results, "status": FAILED, "error": message})
+    if has_checkpoint(folder):
+        return "the checkpoint of the last finished experience is kept"
+    return "no experience had finished"
+
+
+def make_folder(folder: Path) -> Path | None:
+    """Create ``folder`` and its missing parents; returns the topmost folder created (None when
+    ``folder`` existed): what :func:`discard_if_empty` may remove again."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def discard_if_empty(folder: Path, made: Path | None) -> None:
+    """Remove the run ``folder`` if this command made it (``made``: the topmost folder it
+    created) and it holds neither results nor a checkpoint, then the folders up to ``made``
+    that this leaves empty."""
+    if made is None or made not in (folder, *folder.parents) or not folder.exists():
+        return
+    if (folder / RESULTS).exists() or has_checkpoint(folder):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if made not in (parent, *parent.parents) or any(parent.iterdir()):
+            break
+        parent.rmdir()

@@ -30,14 +30,15 @@ from omegaconf import DictConfig
 
 from moe_cl.config import compose
 from moe_cl.methods import key_applies
-from moe_cl.results import record_failure
 from moe_cl.run_folder import (
-    CHECKPOINT,
-    NON_FINITE_LOSS,
+    CONFIG,
     RESULTS,
     USAGE_ERROR,
     atomic_write_text,
+    end_failed_run,
+    has_checkpoint,
     is_complete,
+    make_folder,
     read_results,
     write_json,
 )
@@ -99,7 +100,7 @@ def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int],
         done = is_complete(results)
         if not done and not run:
             continue
-        if run and (done or (folder / CHECKPOINT).exists()):
+        if run and (done or has_checkpoint(folder)):
             _check_settings(benchmark, variant, seed, out, extra)
         if not done:
             run_started = time.perf_counter()
@@ -157,32 +158,31 @@ def write_tables(out: Path, rows: list[dict], table: dict, text: str) -> None:
 
 def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequence[str],
            echo: Callable[[str], None]) -> dict:
-    """Train (or resume) one run; returns its finished results. Errors become SuiteErrors
-    naming the run, with python -m moe_cl.run's exit codes."""
-    from moe_cl.benchmarks import DataError
+    """Train one run, or resume it from its checkpoint; returns its finished results. Errors
+    become SuiteErrors naming the run, with python -m moe_cl.run's exit codes."""
     from moe_cl.checkpoint import CheckpointError
-    from moe_cl.config import ConfigError
-    from moe_cl.plugins import NonFiniteLossError
+    from moe_cl.experiment import run_experiment
 
     folder = out / variant.name / f"seed-{seed}"
-    results_path = folder / RESULTS
     label = f"run {variant.name} seed {seed} ({folder})"
-    if results_path.exists() and read_results(folder) is None:
-        echo(f"{results_path} is unreadable: the run is resumed (or trained again)")
+    if (folder / RESULTS).exists() and read_results(folder) is None:
+        echo(f"{folder / RESULTS} is unreadable: the run is resumed (or trained again)")
+    made = None
     try:
-        _run_or_resume(_run_config(benchmark, variant, seed, out, extra), folder)
-    except (ConfigError, DataError, ValueError) as err:
-        _remove_if_nothing_written(folder)
-        raise SuiteError(f"{label}: {err}") from None
-    except CheckpointError as err:
-        raise SuiteError(f"{label}: {err}; delete the folder of that checkpoint to train its "
-                         "run again") from None
-    except NonFiniteLossError as err:
-        raise SuiteError(f"{label}: {err}; {record_failure(folder, str(err))}",
-                         NON_FINITE_LOSS) from None
+        cfg = _run_config(benchmark, variant, seed, out, extra)
+        resume = has_checkpoint(folder)
+        if folder.exists() and not resume:
+            shutil.rmtree(folder)  # started but nothing finished: start again
+        made = make_folder(folder)
+        run_experiment(cfg, folder, resume=resume, echo=lambda _: None)
+    except Exception as err:
+        code, message = end_failed_run(err, folder, made)  # raises err again if it is a bug
+        if isinstance(err, CheckpointError):
+            message += "; delete the folder of that checkpoint to train its run again"
+        raise SuiteError(f"{label}: {message}", code) from None
     results = read_results(folder)
     if not is_complete(results):
-        raise SuiteError(f"{label}: training ended without a complete {results_path}")
+        raise SuiteError(f"{label}: training ended without a complete {folder / RESULTS}")
     return results
 
 
@@ -210,7 +210,7 @@ def _check_settings(benchmark: str, variant: Variant, seed: int, out: Path,
 
     folder = out / variant.name / f"seed-{seed}"
     try:
-        changed = changed_settings(load_saved(folder / "config.yaml"),
+        changed = changed_settings(load_saved(folder / CONFIG),
                                    _run_config(benchmark, variant, seed, out, extra), NOT_SETTINGS)
     except ConfigError as err:
         raise SuiteError(f"run {variant.name} seed {seed} ({folder}): {err}") from None
@@ -218,27 +218,6 @@ def _check_settings(benchmark: str, variant: Variant, seed: int, out: Path,
         raise SuiteError(f"run {variant.name} seed {seed} ({folder}) was made with other "
                          f"settings ({'; '.join(changed[:3])}); repeat its overrides or choose "
                          "another --out")
-
-
-def _run_or_resume(cfg, folder: Path) -> None:
-    """Resume from the run's checkpoint if it has one, else train from the start."""
-    from moe_cl.experiment import run_experiment
-
-    resume = (folder / CHECKPOINT).exists()
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)  # started but nothing finished: start again
-    folder.mkdir(parents=True, exist_ok=True)
-    run_experiment(cfg, folder, resume=resume, echo=lambda _: None)
-
-
-def _remove_if_nothing_written(folder: Path) -> None:
-    """A run folder without results or checkpoint is removed after a usage error (and its
-    variant's folder, if that is left empty)."""
-    if folder.exists() and not any((folder / f).exists()
-                                   for f in (RESULTS, CHECKPOINT)):
-        shutil.rmtree(folder, ignore_errors=True)
-        if folder.parent.is_dir() and not any(folder.parent.iterdir()):
-            folder.parent.rmdir()
 
 
 def positive_int(text: str) -> int:
