@@ -6,7 +6,8 @@
   experts are routed to through their own keys without touching the gate.
 
 Both share the call ``gate(x, expert_hidden, expert_mask=None)``; the mask [B, M] limits each
-sample's routing to some experts. ``needs_expert_hidden`` says whether the second argument is
+sample's routing to some experts. ``gate.scores(x, expert_hidden)`` gives the scores before the
+softmax, for routings that normalise over groups of experts (``moe_cl.core.experience_routing``). ``needs_expert_hidden`` says whether the second argument is
 read (the softmax gate can route before any expert runs, which top-k needs).
 """
 
@@ -70,9 +71,13 @@ class SoftmaxGate(nn.Module):
             )
         return torch.cat([head(z) for head in self.heads], dim=-1)
 
+    def scores(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
+        """Routing scores z(x) / T before the softmax, [B, M]."""
+        return self.logits(x) / self.temperature
+
     def forward(self, x: Tensor, expert_hidden: Tensor | None = None,
                 expert_mask: Tensor | None = None) -> Tensor:
-        return masked_softmax(self.logits(x) / self.temperature, expert_mask)
+        return masked_softmax(self.scores(x), expert_mask)
 
 
 class AttentiveGate(nn.Module):
@@ -106,11 +111,15 @@ class AttentiveGate(nn.Module):
         k = self.key(expert_hidden)  # [B, M, H]
         return torch.einsum("bh,bmh->bm", q, k) / math.sqrt(self.hidden_size)
 
-    def forward(self, x: Tensor, expert_hidden: Tensor | None = None,
-                expert_mask: Tensor | None = None) -> Tensor:
+    def scores(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
+        """Routing scores before the softmax: the attention scores, [B, M]."""
         if expert_hidden is None:
             raise ValueError("the attentive gate needs expert_hidden [B, M, H] (the keys)")
-        return masked_softmax(self.attention_scores(x, expert_hidden), expert_mask)
+        return self.attention_scores(x, expert_hidden)
+
+    def forward(self, x: Tensor, expert_hidden: Tensor | None = None,
+                expert_mask: Tensor | None = None) -> Tensor:
+        return masked_softmax(self.scores(x, expert_hidden), expert_mask)
 
 
 def masked_softmax(scores: Tensor, expert_mask: Tensor | None) -> Tensor:
