@@ -8,7 +8,8 @@ classes kept by statistics that never change once written (``moe_cl.core.router`
 gate's softmax runs only over the experts of one experience at a time:
 
     log p_mix(y | x, t) = logsumexp_{r in t} [ log g_r(x | t) + log f_r(y | x) ],  y in C_t
-    combine "task":     p(y | x) = p(t(y) | x) p_mix(y | x, t(y)),  p(t | x) = sum_{y in C_t} p(y | x)
+    combine "task":     p(y | x) = p(t(y) | x) p_mix(y | x, t(y))
+                        with p(t | x) = sum_{y in C_t} p(y | x)
     combine "product":  p(y | x) ∝ p(y | x) p_mix(y | x, t(y))^w
 
 where r runs over the routes of experience t (its experts), g(. | t) is the gate's softmax over

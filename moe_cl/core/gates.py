@@ -7,8 +7,9 @@
 
 Both share the call ``gate(x, expert_hidden, expert_mask=None)``; the mask [B, M] limits each
 sample's routing to some experts. ``gate.scores(x, expert_hidden)`` gives the scores before the
-softmax, for routings that normalise over groups of experts (``moe_cl.core.experience_routing``). ``needs_expert_hidden`` says whether the second argument is
-read (the softmax gate can route before any expert runs, which top-k needs).
+softmax, for routings that normalise over groups of experts (``moe_cl.core.experience_routing``).
+``needs_expert_hidden`` says whether the second argument is read (the softmax gate can route
+before any expert runs, which top-k needs).
 """
 
 from __future__ import annotations
