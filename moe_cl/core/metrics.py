@@ -38,6 +38,8 @@ class RoutingAccumulator:
     samples: int = 0
     errors: int = 0
     top5_errors: int = 0
+    router_samples: int = 0
+    router_errors: int = 0
     sample_entropy_sum: float = 0.0
     gate_sum: Tensor | None = None
     counts_true: Tensor | None = None  # [K, M] selected expert per true class
@@ -52,9 +54,11 @@ class RoutingAccumulator:
         *,
         log_probs: Tensor | None = None,
         expert_prediction: Tensor | None = None,
+        router_log_probs: Tensor | None = None,
     ) -> None:
         """Add a batch: gate [B, M], target [B]; mixture log_probs [B, K] for the errors;
-        expert_prediction [B], the class predicted by the argmax expert (the paper's Y_pred)."""
+        expert_prediction [B], the class predicted by the argmax expert (the paper's Y_pred);
+        router_log_probs [B, K], a router's class posterior, for the router's own error."""
         gate = gate.detach().double().cpu()
         target = target.detach().cpu().long()
         b, m = gate.shape
@@ -84,6 +88,9 @@ class RoutingAccumulator:
             self.errors += int((lp.argmax(-1) != target).sum())
             top = lp.topk(min(5, lp.shape[-1]), dim=-1).indices
             self.top5_errors += int((~(top == target[:, None]).any(-1)).sum())
+        if router_log_probs is not None:
+            self.router_samples += b
+            self.router_errors += int((router_log_probs.detach().argmax(-1).cpu() != target).sum())
 
     def compute(self) -> dict[str, float | list]:
         """Error, top-5 error, H_s, H_u, MI (true labels), MI_pred, matrices, usage."""
@@ -92,7 +99,10 @@ class RoutingAccumulator:
         usage = self.gate_sum / self.samples
         counts_true = self.counts_true
         per_class = counts_true.double() / counts_true.sum(1, keepdim=True).clamp_min(1)
+        router = {"router_error": self.router_errors / self.router_samples} if (
+            self.router_samples) else {}
         return {
+            **router,
             "error": self.errors / self.samples,
             "top5_error": self.top5_errors / self.samples,
             "H_s": self.sample_entropy_sum / self.samples,

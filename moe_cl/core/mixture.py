@@ -28,6 +28,10 @@ class MoEOutput:
     selected: [B] the expert with the largest gate value.
     selected_log_probs: [B, K] log f_selected(x), kept by top-k inference, which has no
     ``expert_log_probs`` (None otherwise: read it from ``expert_log_probs``).
+    router_log_probs: [B, K] the class posterior of a router that chose the experiences (a
+    routed mixture's evaluation; None otherwise), so its own accuracy can be reported.
+    auxiliary_loss: a term the training loss must add (a routed mixture's feature
+    distillation while it reuses experts; None otherwise).
     """
 
     log_probs: Tensor
@@ -36,6 +40,8 @@ class MoEOutput:
     hidden: Tensor | None
     selected: Tensor
     selected_log_probs: Tensor | None = None
+    router_log_probs: Tensor | None = None
+    auxiliary_loss: Tensor | None = None
 
     def selected_expert_prediction(self) -> Tensor:
         """Class predicted by the expert with the largest gate value (the paper's Y_pred)."""

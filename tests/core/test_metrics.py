@@ -73,3 +73,16 @@ def test_expert_count_change_within_a_set_is_refused():
     acc.update(torch.ones(2, 2) / 2, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="number of experts changed"):
         acc.update(torch.ones(2, 3) / 3, torch.tensor([0, 1]))
+
+
+def test_router_error_is_reported_only_when_a_router_posterior_is_given():
+    gate = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    target = torch.tensor([0, 1, 1])
+    plain = RoutingAccumulator(num_classes=2)
+    plain.update(gate, target, log_probs=torch.zeros(3, 2))
+    assert "router_error" not in plain.compute()
+    routed = RoutingAccumulator(num_classes=2)
+    router = torch.tensor([[0.0, -1.0], [0.0, -1.0], [-1.0, 0.0]])  # predicts 0, 0, 1
+    routed.update(gate[:2], target[:2], router_log_probs=router[:2])
+    routed.update(gate[2:], target[2:], router_log_probs=router[2:])
+    assert routed.compute()["router_error"] == pytest.approx(1 / 3)
