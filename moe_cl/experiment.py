@@ -8,7 +8,6 @@ model, strategy with plugins, evaluator -> Avalanche's train/eval loop after eve
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
 from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.templates import SupervisedTemplate
 from omegaconf import DictConfig, OmegaConf
 
 from moe_cl.benchmarks import BenchmarkBundle, make_benchmark
@@ -40,8 +40,7 @@ from moe_cl.core.bank import count_parameters
 from moe_cl.core.zoo import Architecture, get_architecture, mlp_architecture
 from moe_cl.environment import package_versions
 from moe_cl.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
-from moe_cl.methods import METHODS
-from moe_cl.model_options import ExpertPolicy
+from moe_cl.methods import METHODS, Method
 from moe_cl.models import MixtureOfExperts
 from moe_cl.plugins import NonFiniteLossGuard
 from moe_cl.results import average_accuracy, average_forgetting, summary_table, write_figures
@@ -175,40 +174,6 @@ class Progress:
     epochs_done: int = 0  # inside experience ``completed`` (epoch checkpoints)
 
 
-def _row(results: dict, prefix: str, n: int) -> list[float]:
-    """Per-test-experience values of a metric, matched by prefix (task suffixes vary)."""
-    row = []
-    for j in range(n):
-        suffix = f"Exp{j:03d}"
-        values = [v for k, v in results.items() if k.startswith(prefix) and k.endswith(suffix)]
-        row.append(float(values[-1]) if values else float("nan"))
-    return row
-
-
-def _train_error(results: dict) -> float | None:
-    values = [v for k, v in results.items() if k.startswith("Top1_Acc_Epoch/train_phase")]
-    return 1.0 - float(values[-1]) if values else None
-
-
-def distill(cfg: DictConfig, teacher: MixtureOfExperts, experience, bundle: BenchmarkBundle,
-            evaluator: EvaluationPlugin, device: torch.device) -> MoEStrategy:
-    """Train a softmax gate routing without the experts' hidden vectors (experts frozen, gate
-    network initialised from the teacher's) on the experience; returns its strategy."""
-    student = copy.deepcopy(teacher)
-    student.distill_gate()
-    student._trained_experiences = list(range(experience.current_experience + 1))
-    student.policy = ExpertPolicy("fixed")
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.train.lr)
-    strategy = MoEStrategy(model=student, optimizer=optimizer,
-                           train_mb_size=cfg.train.batch_size, train_epochs=cfg.distill.epochs,
-                           eval_mb_size=cfg.train.eval_batch_size, device=device,
-                           plugins=[NonFiniteLossGuard()], evaluator=evaluator,
-                           batch_augment=bundle.batch_augment, fast_data=cfg.train.fast_data,
-                           eval_top_k=cfg.eval.top_k)
-    strategy.train(experience, eval_streams=[])
-    return strategy
-
-
 class EpochCheckpoint(SupervisedPlugin):
     """Calls ``save(epochs_done)`` every ``every`` epochs inside a training experience.
 
@@ -232,128 +197,222 @@ class EpochCheckpoint(SupervisedPlugin):
             self.save(self._done)
 
 
+@dataclass
+class Run:
+    """What the stages of one run share: its settings, folder and built pieces."""
+
+    cfg: DictConfig
+    out: Path
+    bundle: BenchmarkBundle
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    evaluator: EvaluationPlugin | None = None
+    strategy: SupervisedTemplate | None = None
+    epoch_checkpoints: EpochCheckpoint | None = None
+    train_stream: list = field(default_factory=list)
+    test_stream: list = field(default_factory=list)
+
+    @property
+    def method(self) -> Method:
+        return METHODS[self.cfg.method]
+
+    @property
+    def distils(self) -> bool:
+        """Whether each stage ends by distilling the mixture's gate (the model evaluated)."""
+        return self.method.mixture and bool(self.cfg.distill.epochs)
+
+    @property
+    def stages(self) -> list[list]:
+        """The experiences trained together, in order: one each, or all at once (joint)."""
+        return [self.train_stream] if self.method.joint else [[e] for e in self.train_stream]
+
+    def save_checkpoint(self, epochs_done: int = 0) -> None:
+        self.progress.epochs_done = epochs_done
+        save_checkpoint(self.out / CHECKPOINT, {
+            "model": model_state(self.model),
+            "optimizer": optimizer_state(self.optimizer, self.model),
+            "plugins": plugin_states(self.strategy.plugins),
+            "rng": rng_state(),
+            "progress": dict(self.progress.__dict__),
+        })
+
+
 def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
                    bundle: BenchmarkBundle | None = None, echo=print) -> dict:
-    """Run (or continue) the configured experiment in ``out``; returns results.json's dict."""
+    """Run (or continue) the configured experiment in ``out``; returns results.json's dict.
+
+    Stages: build, restore (a checkpoint, or a finished teacher to distil), then per stage of
+    experiences train, distil, evaluate and write; figures last."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     bundle = bundle or build_benchmark(cfg)
     model = build_model(cfg, bundle)
     optimizer = build_optimizer(cfg, model)
-    progress = Progress()
-    checkpoint_path = out / CHECKPOINT
-    log_dir = out / "logs"
-    state: dict = {}
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        progress = Progress(**state["progress"])
-        log_dir = out / "logs" / f"resumed-exp{progress.completed:02d}-epoch{progress.epochs_done}"
-    if progress.completed and progress.completed >= _stage_count(cfg, bundle):
+    state = load_checkpoint(out / CHECKPOINT) if resume and has_checkpoint(out) else {}
+    run = Run(cfg, out, bundle, device, model, optimizer, Progress(**state.get("progress", {})))
+    if run.progress.completed and run.progress.completed >= _stage_count(cfg, bundle):
         echo(f"{out} is already complete")
-        return _finished_results(cfg, out, bundle, model, state, device)
-    is_moe = isinstance(model, MixtureOfExperts)
-    evaluator = build_evaluator(cfg, log_dir, routing=is_moe)
-    strategy = build_strategy(cfg, model, optimizer, evaluator, bundle, device)
+        return _finished_results(run, state)
+    _start(run, resumed=bool(state))
+    from_teacher = bool(cfg.distill.teacher) and not state
+    if from_teacher:
+        _use_teacher(run, echo)
+    if state:
+        _restore(run, state, echo)
+    results: dict = {}
+    for index in range(run.progress.completed, len(run.stages)):
+        started = time.perf_counter()
+        stage = run.stages[index]
+        if not from_teacher:
+            _train(run, stage)
+        evaluating = distill(run, stage[0]) if run.distils else run.strategy
+        _evaluate(run, evaluating)
+        run.progress.completed = index + 1
+        run.progress.wall_time_s += time.perf_counter() - started
+        results = _write(run, evaluating.model, echo)
+    return _add_figures(run, results)
+
+
+def _start(run: Run, *, resumed: bool) -> None:
+    """Build the evaluator and the strategy, write config.yaml and fix the streams."""
+    cfg, out = run.cfg, run.out
+    log_dir = out / "logs"
+    if resumed:
+        progress = run.progress
+        log_dir = log_dir / f"resumed-exp{progress.completed:02d}-epoch{progress.epochs_done}"
+    run.evaluator = build_evaluator(cfg, log_dir, routing=run.method.mixture)
+    run.strategy = build_strategy(cfg, run.model, run.optimizer, run.evaluator, run.bundle,
+                                  run.device)
     if not (out / CONFIG).exists():
         atomic_write_text(out / CONFIG, to_yaml(cfg))
-
-    def save(epochs_done: int = 0) -> None:
-        progress.epochs_done = epochs_done
-        save_checkpoint(checkpoint_path, {
-            "model": model_state(model),
-            "optimizer": optimizer_state(optimizer, model),
-            "plugins": plugin_states(strategy.plugins),
-            "rng": rng_state(),
-            "progress": dict(progress.__dict__),
-        })
-
-    epoch_checkpoints = None
     if cfg.train.checkpoint_every_epochs:
-        epoch_checkpoints = EpochCheckpoint(cfg.train.checkpoint_every_epochs, save)
-        strategy.plugins.append(epoch_checkpoints)
-
-    # Materialise the streams first: Avalanche reseeds the global RNG when it builds them.
-    train_stream = list(bundle.benchmark.train_stream)
-    test_stream = list(bundle.benchmark.test_stream)
-    n_test = len(test_stream)
-    joint = METHODS[cfg.method].joint
-    stages = [train_stream] if joint else [[e] for e in train_stream]
-    teacher_ready = bool(cfg.distill.teacher) and not state
-    if teacher_ready:
-        teacher = load_teacher(cfg, model, len(stages))
-        model.to(device)
-        echo(f"distilling the trained model of {cfg.distill.teacher}")
-        set_rng_state(teacher["rng"])  # as if its training had just ended in this process
-    if state:
-        load_model_state(model, state["model"])
-        model.to(device)
-        strategy.optimized_param_id = restore_optimizer(optimizer, model, state["optimizer"])
-        load_plugin_states(strategy.plugins, state["plugins"], model)
-        set_rng_state(state["rng"])  # last: nothing may draw random numbers after this
-        echo(f"resuming at experience {progress.completed}, epoch {progress.epochs_done}, "
-             f"from {checkpoint_path}")
-    results_dict: dict = {}
-    for index in range(progress.completed, len(stages)):
-        started = time.perf_counter()
-        stage = stages[index]
-        skip = progress.epochs_done
-        if epoch_checkpoints is not None:
-            epoch_checkpoints.offset = skip
-        if not teacher_ready:
-            strategy.train_epochs = cfg.train.epochs - skip
-            strategy.train(stage if joint else stage[0], eval_streams=[])
-            strategy.train_epochs = cfg.train.epochs
-        evaluating = strategy
-        if is_moe and cfg.distill.epochs:
-            evaluating = distill(cfg, model, stage[0], bundle, evaluator, device)
-        train_results = evaluating.evaluator.get_last_metrics()  # the distilled gate's, if any
-        results = evaluating.eval(test_stream)
-        progress.accuracy_matrix.append(_row(results, ACCURACY, n_test))
-        progress.task_aware_matrix.append(_row(results, TASK_AWARE_ACCURACY, n_test))
-        routing = {}
-        for metric in evaluating.evaluator.metrics:
-            if isinstance(metric, RoutingMetrics):
-                routing = metric.last_stream_result
-        progress.routing_history.append(routing)
-        progress.train_errors.append(_train_error(train_results))
-        progress.completed = index + 1
-        progress.wall_time_s += time.perf_counter() - started
-        save()
-        echo(f"experience {index + 1}/{len(stages)}: accuracy on the test stream "
-             f"{average_accuracy(progress.accuracy_matrix):.4f}")
-        results_dict = _results(cfg, bundle, progress, evaluating.model, device,
-                                complete=index + 1 == len(stages), n_train=len(train_stream))
-        write_json(out / RESULTS, results_dict)
-    if cfg.logging.figures:
-        results_dict["figures"] = write_figures(out, progress.routing_history,
-                                                progress.accuracy_matrix,
-                                                getattr(bundle, "class_names", None))
-        write_json(out / RESULTS, results_dict)
-    return results_dict
+        run.epoch_checkpoints = EpochCheckpoint(cfg.train.checkpoint_every_epochs,
+                                                run.save_checkpoint)
+        run.strategy.plugins.append(run.epoch_checkpoints)
+    # Materialise the streams now: Avalanche reseeds the global RNG when it builds them.
+    run.train_stream = list(run.bundle.benchmark.train_stream)
+    run.test_stream = list(run.bundle.benchmark.test_stream)
 
 
-def _finished_results(cfg: DictConfig, out: Path, bundle: BenchmarkBundle,
-                      model: torch.nn.Module, state: dict, device: torch.device) -> dict:
+def _use_teacher(run: Run, echo) -> None:
+    """Start from the trained model of the finished run distill.teacher, as if its training
+    had just ended in this process."""
+    teacher = load_teacher(run.cfg, run.model, len(run.stages))
+    run.model.to(run.device)
+    echo(f"distilling the trained model of {run.cfg.distill.teacher}")
+    set_rng_state(teacher["rng"])
+
+
+def _restore(run: Run, state: dict, echo) -> None:
+    """Continue from a checkpoint: model, optimizer, plugins, then the RNG states."""
+    load_model_state(run.model, state["model"])
+    run.model.to(run.device)
+    run.strategy.optimized_param_id = restore_optimizer(run.optimizer, run.model,
+                                                        state["optimizer"])
+    load_plugin_states(run.strategy.plugins, state["plugins"], run.model)
+    set_rng_state(state["rng"])  # last: nothing may draw random numbers after this
+    echo(f"resuming at experience {run.progress.completed}, epoch {run.progress.epochs_done}, "
+         f"from {run.out / CHECKPOINT}")
+
+
+def _train(run: Run, stage: list) -> None:
+    """Train the stage's experiences for the epochs left (all of them unless resuming inside
+    the stage)."""
+    epochs = run.cfg.train.epochs
+    done = run.progress.epochs_done
+    if run.epoch_checkpoints is not None:
+        run.epoch_checkpoints.offset = done
+    run.strategy.train_epochs = epochs - done
+    run.strategy.train(stage if run.method.joint else stage[0], eval_streams=[])
+    run.strategy.train_epochs = epochs
+
+
+def distill(run: Run, experience) -> MoEStrategy:
+    """Train a softmax gate routing without the experts' hidden vectors (experts frozen, gate
+    network initialised from the trained attentive gate's) on the experience; returns its
+    strategy, whose model is the one evaluated."""
+    cfg = run.cfg
+    student = run.model.distilled_copy()
+    strategy = MoEStrategy(model=student, optimizer=torch.optim.Adam(student.parameters(),
+                                                                      lr=cfg.train.lr),
+                           train_mb_size=cfg.train.batch_size, train_epochs=cfg.distill.epochs,
+                           eval_mb_size=cfg.train.eval_batch_size, device=run.device,
+                           plugins=[NonFiniteLossGuard()], evaluator=run.evaluator,
+                           batch_augment=run.bundle.batch_augment, fast_data=cfg.train.fast_data,
+                           eval_top_k=cfg.eval.top_k)
+    strategy.train(experience, eval_streams=[])
+    return strategy
+
+
+def _evaluate(run: Run, evaluating: SupervisedTemplate) -> None:
+    """Evaluate the stage's model on the test stream and record what it measured."""
+    train_metrics = evaluating.evaluator.get_last_metrics()  # the distilled gate's, if any
+    metrics = evaluating.eval(run.test_stream)
+    n_test, progress = len(run.test_stream), run.progress
+    progress.accuracy_matrix.append(per_experience_values(metrics, ACCURACY, n_test))
+    progress.task_aware_matrix.append(per_experience_values(metrics, TASK_AWARE_ACCURACY, n_test))
+    routing = [m.last_stream_result for m in evaluating.evaluator.metrics
+               if isinstance(m, RoutingMetrics)]
+    progress.routing_history.append(routing[-1] if routing else {})
+    progress.train_errors.append(_train_error(train_metrics))
+
+
+def _write(run: Run, evaluated: torch.nn.Module, echo) -> dict:
+    """The checkpoint, then results.json, of the stages done so far; returns the results."""
+    progress = run.progress
+    run.save_checkpoint()
+    echo(f"experience {progress.completed}/{len(run.stages)}: accuracy on the test stream "
+         f"{average_accuracy(progress.accuracy_matrix):.4f}")
+    results = _results(run, evaluated, complete=progress.completed == len(run.stages),
+                       n_train=len(run.train_stream))
+    write_json(run.out / RESULTS, results)
+    return results
+
+
+def _add_figures(run: Run, results: dict) -> dict:
+    """Draw the figures (unless logging.figures=false or they are listed already), list them
+    in the results and write those again: figures come last."""
+    if run.cfg.logging.figures and "figures" not in results:
+        progress = run.progress
+        results["figures"] = write_figures(run.out, progress.routing_history,
+                                           progress.accuracy_matrix,
+                                           getattr(run.bundle, "class_names", None))
+        write_json(run.out / RESULTS, results)
+    return results
+
+
+def per_experience_values(metrics: dict, prefix: str, n: int) -> list[float]:
+    """The value of the metric named ``prefix`` on each of ``n`` test experiences, from
+    Avalanche's metric dict (task suffixes vary, so names are matched by prefix; nan where
+    an experience has none)."""
+    row = []
+    for j in range(n):
+        suffix = f"Exp{j:03d}"
+        values = [v for k, v in metrics.items() if k.startswith(prefix) and k.endswith(suffix)]
+        row.append(float(values[-1]) if values else float("nan"))
+    return row
+
+
+def _train_error(metrics: dict) -> float | None:
+    values = [v for k, v in metrics.items() if k.startswith("Top1_Acc_Epoch/train_phase")]
+    return 1.0 - float(values[-1]) if values else None
+
+
+def _finished_results(run: Run, state: dict) -> dict:
     """results.json of a finished run; rebuilt from the checkpoint when the file is missing,
     unreadable or older than it (a kill between the two writes), and its figures drawn when a
     kill came before them (written last)."""
-    path = out / RESULTS
-    progress = Progress(**state["progress"])
-    results = read_results(out)
+    results = read_results(run.out)
     if not is_complete(results):
-        load_model_state(model, state["model"])
-        if isinstance(model, MixtureOfExperts) and cfg.distill.epochs:
-            model = copy.deepcopy(model)
-            model.distill_gate()  # the evaluated model: the same experts, the distilled gate
-        results = _results(cfg, bundle, progress, model, device, complete=True,
-                           n_train=len(bundle.benchmark.train_stream))
-        write_json(path, results)
-    if cfg.logging.figures and "figures" not in results:
-        results["figures"] = write_figures(out, progress.routing_history,
-                                           progress.accuracy_matrix,
-                                           getattr(bundle, "class_names", None))
-        write_json(path, results)
-    return results
+        load_model_state(run.model, state["model"])
+        # The evaluated model: with distillation, the same experts under the distilled gate.
+        evaluated = run.model.distilled_copy() if run.distils else run.model
+        results = _results(run, evaluated, complete=True,
+                           n_train=len(run.bundle.benchmark.train_stream))
+        write_json(run.out / RESULTS, results)
+    return _add_figures(run, results)
 
 
 # What must match between a run and the teacher it distils (the rest is bookkeeping).
@@ -393,9 +452,9 @@ def _stage_count(cfg: DictConfig, bundle: BenchmarkBundle) -> int:
     return 1 if METHODS[cfg.method].joint else len(bundle.benchmark.train_stream)
 
 
-def _results(cfg: DictConfig, bundle: BenchmarkBundle, progress: Progress,
-             model: torch.nn.Module, device: torch.device, *, complete: bool,
-             n_train: int) -> dict:
+def _results(run: Run, model: torch.nn.Module, *, complete: bool, n_train: int) -> dict:
+    """results.json's content: what was measured, about the model evaluated last."""
+    cfg, progress = run.cfg, run.progress
     routing = progress.routing_history[-1] if progress.routing_history else {}
     is_moe = isinstance(model, MixtureOfExperts)
     growth = model.growth_log if is_moe else []
@@ -408,7 +467,7 @@ def _results(cfg: DictConfig, bundle: BenchmarkBundle, progress: Progress,
         "method": cfg.method,
         "scenario": cfg.scenario,
         "seed": cfg.seed,
-        "device": str(device),
+        "device": str(run.device),
         "experiences_completed": progress.completed,
         "n_experiences": n_train,
         "accuracy_matrix": matrix,

@@ -11,6 +11,7 @@ regulariser plugins and routing metrics.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 
 import torch
@@ -285,10 +286,15 @@ class MixtureOfExperts(ClassMasking):
 
     # -- distillation and state
 
-    def distill_gate(self) -> None:
-        """Replace the attentive gate by a softmax gate routing without the experts (experts
-        frozen, gate network initialised from the attentive one); train it afterwards."""
-        self.core = distilled_gate(self.core, self.architecture)
+    def distilled_copy(self) -> MixtureOfExperts:
+        """A copy whose attentive gate is replaced by a softmax gate that routes without the
+        experts' hidden vectors (experts frozen, gate network initialised from the attentive
+        one), ready to train that gate on the experiences this model was trained on: they
+        count as trained, and its policy is ``fixed``, so adaptation adds no expert."""
+        student = copy.deepcopy(self)
+        student.core = distilled_gate(student.core, student.architecture)
+        student.policy = ExpertPolicy("fixed")
+        return student
 
     def grow_to(self, group_sizes: list[int]) -> None:
         """Add expert groups until the bank has ``group_sizes`` (a saved model's structure)."""
