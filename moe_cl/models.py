@@ -20,7 +20,7 @@ from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 
 from moe_cl.core.mixture import MixtureOfExpertsCore, MoEOutput, masked_log_softmax
-from moe_cl.core.zoo import Architecture, build_single_model, distilled_gate, get_architecture
+from moe_cl.core.zoo import Architecture, build_single_model, distilled_mixture, get_architecture
 from moe_cl.core.zoo import build_mixture as build_core_mixture
 from moe_cl.data import dataset_tensors
 from moe_cl.model_options import SCENARIOS, ExpertPolicy, Scenario
@@ -41,7 +41,7 @@ class _RoutingSlot:
         return _RoutingSlot()
 
 
-class ClassMasking(MultiTaskModule):
+class ClassMaskedModel(MultiTaskModule):
     """A model of one paper architecture with one head over all classes, masked per batch:
     it keeps track of the classes known per task and registers them in ``adaptation()``."""
 
@@ -128,7 +128,7 @@ class ClassMasking(MultiTaskModule):
         self._any_seen = None
 
 
-class MixtureOfExperts(ClassMasking):
+class MixtureOfExperts(ClassMaskedModel):
     """A mixture of experts that reuses or adds experts across experiences (Avalanche model).
 
     Build it from a paper architecture name (``mnist``, ``fmnist``, ``cifar100``,
@@ -253,7 +253,7 @@ class MixtureOfExperts(ClassMasking):
         """The mixture's output in eval mode on up to ``probe_samples`` samples of the
         experience (its classes counted as known) and their labels: what growth decisions
         read."""
-        x, y, t = _first_samples(experience, self.policy.probe_samples, self._device())
+        x, y, t = first_samples(experience, self.policy.probe_samples, self._device())
         was_training = self.training
         self.eval()
         try:
@@ -292,7 +292,7 @@ class MixtureOfExperts(ClassMasking):
         one), ready to train that gate on the experiences this model was trained on: they
         count as trained, and its policy is ``fixed``, so adaptation adds no expert."""
         student = copy.deepcopy(self)
-        student.core = distilled_gate(student.core, student.architecture)
+        student.core = distilled_mixture(student.core, student.architecture)
         student.policy = ExpertPolicy("fixed")
         return student
 
@@ -336,7 +336,7 @@ class MixtureOfExperts(ClassMasking):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class SingleExpertModel(ClassMasking):
+class SingleExpertModel(ClassMaskedModel):
     """The single-model baseline (one expert) with the same masking and output format, so that
     Avalanche's own strategies (Naive, EWC, LwF, Replay, ...) run on a comparable backbone."""
 
@@ -356,7 +356,7 @@ class SingleExpertModel(ClassMasking):
         return masked_log_softmax(logits, class_mask)
 
 
-def _first_samples(
+def first_samples(
     experience: CLExperience, count: int, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The experience's first ``count`` samples, read without indexing the dataset sample by
