@@ -38,6 +38,10 @@ class ExpertPolicy:
     ``route_by_task`` (task-incremental only): a sample is routed only among the experts added
     for its task (the initial experts belong to the first task; a task that added none may use
     them all), so the gate cannot send a task to experts that never learnt it.
+    ``max`` (routed mixtures; 0: no cap): once adding ``per_experience`` experts would pass it,
+    an experience reuses the group of experts that separates its classes best instead, and
+    fine-tunes it with ``reuse_distillation`` times the mean squared drift of its hidden
+    features from a frozen copy added to the loss (SEED weighs the two terms 0.01 : 0.99).
 
     The fields are typed ``str`` where a ``Literal`` would do, so that the configuration
     reports a bad choice in its own words (``choose one of: ...``).
@@ -50,6 +54,8 @@ class ExpertPolicy:
     probe_samples: int = 256
     init: str = "random"  # one of EXPERT_INITS
     route_by_task: bool = False
+    max: int = 0
+    reuse_distillation: float = 99.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -60,3 +66,48 @@ class ExpertPolicy:
             raise ValueError(f"probe_samples must be >= 1, got {self.probe_samples}")
         if self.init not in EXPERT_INITS:
             raise ValueError(f"experts.init must be one of {EXPERT_INITS}, got {self.init!r}")
+        if self.max < 0 or self.reuse_distillation < 0:
+            raise ValueError("experts.max and experts.reuse_distillation must be >= 0")
+
+
+RouterFeature = Literal["pixels", "random_conv", "gate_trunk"]
+RouterCombine = Literal["task", "product"]
+ROUTER_FEATURES: tuple[str, ...] = get_args(RouterFeature)
+ROUTER_COMBINES: tuple[str, ...] = get_args(RouterCombine)
+
+
+@dataclass
+class RouterOptions:
+    """The router of a routed mixture (``moe_cl.routed``): class statistics in a feature space
+    fixed once, and how their posterior meets the experts.
+
+    ``feature``: ``pixels``; ``random_conv`` (a frozen random convolution with ``channels``
+    filters of size ``kernel``, max-pooled by ``pool``, then ReLU, drawn from ``seed``); or
+    ``gate_trunk`` (the gate network's layers up to its first Flatten, frozen with the gate
+    after the first experience). ``shrinkage`` is added to the covariance's diagonal.
+    ``combine``: ``task``: p(y|x) = p(t(y)|x) p_mix(y|x, t(y)), the router choosing the experience
+    and the experts the class; ``product``: p(y|x) ∝ p_router(y|x) p_mix(y|x, t(y))^expert_weight,
+    the experts' evidence multiplied into the router's posterior.
+    """
+
+    feature: str = "random_conv"  # one of ROUTER_FEATURES
+    channels: int = 96
+    kernel: int = 5
+    pool: int = 4
+    seed: int = 0
+    shrinkage: float = 1e-4
+    combine: str = "product"  # one of ROUTER_COMBINES
+    expert_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.feature not in ROUTER_FEATURES:
+            raise ValueError(f"router.feature must be one of {ROUTER_FEATURES}, "
+                             f"got {self.feature!r}")
+        if self.combine not in ROUTER_COMBINES:
+            raise ValueError(f"router.combine must be one of {ROUTER_COMBINES}, "
+                             f"got {self.combine!r}")
+        if min(self.channels, self.kernel, self.pool) < 1 or not self.shrinkage > 0:
+            raise ValueError("router.channels, kernel and pool must be >= 1 and router.shrinkage"
+                             " > 0")
+        if self.expert_weight < 0:
+            raise ValueError(f"router.expert_weight must be >= 0, got {self.expert_weight}")

@@ -22,6 +22,7 @@ from moe_cl.core.gates import AttentiveGate
 from moe_cl.core.losses import stochastic_nll
 from moe_cl.data import Batch, TensorBatches, dataset_tensors, has_transforms
 from moe_cl.models import MixtureOfExperts, routing_output
+from moe_cl.routed import RoutedMixture, RouterUpdate
 
 
 class MoEStrategy(SupervisedTemplate):
@@ -64,7 +65,7 @@ class MoEStrategy(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=list(plugins or []),
+            plugins=_with_router_update(model, plugins or []),
             evaluator=evaluator,
             eval_every=eval_every,
         )
@@ -124,6 +125,14 @@ class MoEStrategy(SupervisedTemplate):
             entry = (source, tuple(t.to(self.device) for t in tensors))
             self._eval_cache[id(source)] = entry
         return entry[1]
+
+
+def _with_router_update(model: MixtureOfExperts, plugins: Sequence[BasePlugin]) -> list:
+    """The plugins, with the one that feeds a routed mixture's router added if missing."""
+    plugins = list(plugins)
+    if isinstance(model, RoutedMixture) and not any(isinstance(p, RouterUpdate) for p in plugins):
+        plugins.append(RouterUpdate())
+    return plugins
 
 
 def _check_online_ewc(model: MixtureOfExperts, plugins: Sequence[BasePlugin]) -> None:

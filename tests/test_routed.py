@@ -1,0 +1,231 @@
+"""The routed mixture: a router of class statistics picks the experience, experts per
+experience stay frozen, groups are reused past the cap, and no training sample is kept."""
+
+import copy
+
+import pytest
+import torch
+from avalanche.training.plugins import ReplayPlugin
+
+from moe_cl.benchmarks import make_benchmark
+from moe_cl.core.zoo import mlp_architecture
+from moe_cl.model_options import ExpertPolicy, RouterOptions
+from moe_cl.models import MixtureOfExperts
+from moe_cl.routed import RoutedMixture, RouterUpdate, mean_pairwise_kl
+from moe_cl.strategies import MoEStrategy
+from tests.helpers import quiet_evaluator
+
+
+def _tiny(n_experiences=3, scenario="class", seed=0):
+    bundle = make_benchmark("tiny", n_experiences=n_experiences, scenario=scenario, seed=seed)
+    arch = mlp_architecture(bundle.input_shape, bundle.n_classes, width=32, hidden=16)
+    return bundle, arch
+
+
+def _routed(arch, *, feature="pixels", scenario="class", **policy):
+    policy = ExpertPolicy("grow", per_experience=policy.pop("per_experience", 2), **policy)
+    return RoutedMixture(architecture=arch, num_experts=2, policy=policy, scenario=scenario,
+                         router=RouterOptions(feature=feature))
+
+
+def _strategy(model, *, epochs=3, plugins=()):
+    return MoEStrategy(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
+                       train_mb_size=32, train_epochs=epochs, eval_mb_size=256,
+                       plugins=list(plugins), evaluator=quiet_evaluator())
+
+
+def _stream_accuracy(results: dict) -> float:
+    return next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream"))
+
+
+def test_routed_mixture_remembers_what_a_gate_trained_on_the_stream_forgets():
+    torch.manual_seed(0)
+    bundle, arch = _tiny()
+    routed = _routed(arch, feature="random_conv")
+    plain = MixtureOfExperts(architecture=arch, num_experts=2,
+                             policy=ExpertPolicy("grow", per_experience=2))
+    accuracy = {}
+    for name, model in (("routed", routed), ("plain", plain)):
+        strategy = _strategy(model)
+        for experience in bundle.benchmark.train_stream:
+            strategy.train(experience)
+        accuracy[name] = _stream_accuracy(strategy.eval(bundle.benchmark.test_stream))
+    assert accuracy["routed"] > 0.9
+    assert accuracy["routed"] > accuracy["plain"] + 0.15, accuracy  # the plain one forgets
+    assert routed.expert_experiences == [[0], [0], [1], [1], [2], [2]]
+    assert routed.statistics.counts.tolist() == [
+        64.0 if c in bundle.class_order else 0.0 for c in range(bundle.n_classes)]
+
+
+def test_router_update_is_added_once_by_the_strategy():
+    _, arch = _tiny()
+    strategy = _strategy(_routed(arch), plugins=[RouterUpdate()])
+    assert sum(isinstance(p, RouterUpdate) for p in strategy.plugins) == 1
+    strategy = _strategy(_routed(arch))
+    assert sum(isinstance(p, RouterUpdate) for p in strategy.plugins) == 1
+
+
+def test_old_experts_and_the_gate_stay_bit_identical():
+    torch.manual_seed(1)
+    bundle, arch = _tiny()
+    model = _routed(arch)
+    strategy = _strategy(model, epochs=2)
+    strategy.train(bundle.benchmark.train_stream[0])
+    before = copy.deepcopy({k: v for k, v in model.state_dict().items()
+                            if k.startswith(("core.gate.", "core.bank.groups.0."))})
+    for experience in bundle.benchmark.train_stream[1:]:
+        strategy.train(experience)
+    after = model.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert model.gate_frozen and not any(p.requires_grad for p in model.core.gate.parameters())
+
+
+def test_routing_metrics_describe_the_routed_gate():
+    torch.manual_seed(2)
+    bundle, arch = _tiny()
+    model = _routed(arch, feature="random_conv")
+    strategy = _strategy(model, epochs=2)
+    for experience in bundle.benchmark.train_stream:
+        strategy.train(experience)
+    model.eval()
+    x = torch.randn(16, *bundle.input_shape)
+    log_probs = model(x)
+    out = model.last_output
+    assert torch.allclose(out.gate.sum(-1), torch.ones(16), atol=1e-5)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(16), atol=1e-5)
+    # The selected expert serves the experience of the predicted class, most of the time
+    # exactly (the gate mass is p(t | x) g(. | t)).
+    experience_of_class = model.class_experience[log_probs.argmax(-1)]
+    served = [model.expert_experiences[e] for e in out.selected.tolist()]
+    agree = sum(int(t) in s for t, s in zip(experience_of_class.tolist(), served, strict=True))
+    assert agree >= 12
+    assert out.router_log_probs is not None
+
+
+def test_past_the_cap_the_best_separating_group_is_reused_and_distilled():
+    torch.manual_seed(3)
+    bundle, arch = _tiny(n_experiences=3)
+    model = _routed(arch, max=4, reuse_distillation=5.0)
+    seen_aux = []
+
+    class Spy(RouterUpdate):
+        def before_backward(self, strategy, **kwargs):
+            seen_aux.append(strategy.model.last_output.auxiliary_loss is not None)
+
+    strategy = _strategy(model, epochs=2, plugins=[Spy()])
+    strategy.train(bundle.benchmark.train_stream[0])
+    strategy.train(bundle.benchmark.train_stream[1])
+    assert not any(seen_aux)
+    frozen = copy.deepcopy(model.state_dict())
+    strategy.train(bundle.benchmark.train_stream[2])
+    assert all(seen_aux[-4:])
+    entry = model.growth_log[-1]
+    assert entry["decision"] == "reuse" and len(entry["scores"]) == 2
+    reused = entry["reused_group"]
+    assert reused == max(range(2), key=lambda g: entry["scores"][g])
+    assert model.num_experts == 4
+    assert all(2 in model.expert_experiences[e] for e in entry["reused_experts"])
+    after = model.state_dict()
+    other = 1 - reused
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen
+               if k.startswith(f"core.bank.groups.{other}."))
+    assert any(not torch.equal(frozen[k], after[k]) for k in frozen
+               if k.startswith(f"core.bank.groups.{reused}."))
+
+
+def test_state_dict_round_trip_restores_router_and_routing():
+    torch.manual_seed(4)
+    bundle, arch = _tiny()
+    model = _routed(arch, feature="random_conv", max=4)
+    strategy = _strategy(model, epochs=1)
+    for experience in bundle.benchmark.train_stream:
+        strategy.train(experience)
+    fresh = _routed(arch, feature="random_conv", max=4)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.expert_experiences == model.expert_experiences
+    assert fresh.gate_frozen and torch.equal(fresh.class_experience, model.class_experience)
+    model.eval()
+    fresh.eval()
+    x = torch.randn(8, *bundle.input_shape)
+    assert torch.allclose(fresh(x), model(x))
+
+
+def _holds_rows_of(value, rows: torch.Tensor, seen: set) -> bool:
+    """Whether ``value`` (a tensor, container, module or object, searched recursively) holds a
+    tensor containing one of ``rows`` (flattened inputs)."""
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.numel() % rows.shape[1]:
+            return False
+        flat = value.detach().reshape(-1, rows.shape[1]).float().cpu()
+        return bool((torch.cdist(flat, rows) < 1e-6).any())
+    if isinstance(value, torch.nn.Module):
+        return any(_holds_rows_of(t, rows, seen) for t in [*value.state_dict().values(),
+                                                            *vars(value).values()])
+    if isinstance(value, dict):
+        return any(_holds_rows_of(v, rows, seen) for v in value.values())
+    if isinstance(value, list | tuple | set):
+        return any(_holds_rows_of(v, rows, seen) for v in value)
+    if hasattr(value, "__dict__") and type(value).__module__.startswith(("moe_cl", "avalanche")):
+        return any(_holds_rows_of(v, rows, seen) for v in vars(value).values())
+    return False
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_no_training_sample_of_an_earlier_experience_is_kept(replay):
+    from moe_cl.checkpoint import model_state, optimizer_state, plugin_states
+
+    torch.manual_seed(5)
+    bundle, arch = _tiny(n_experiences=2)
+    model = _routed(arch, feature="random_conv")
+    plugins = [ReplayPlugin(mem_size=20)] if replay else []
+    strategy = _strategy(model, epochs=1, plugins=plugins)
+    first, second = bundle.benchmark.train_stream
+    from moe_cl.data import dataset_tensors
+
+    rows = dataset_tensors(first.dataset)[0].flatten(1).float()
+    strategy.train(first)
+    strategy.train(second)
+    checkpoint = {"model": model_state(model), "optimizer": optimizer_state(strategy.optimizer,
+                                                                             model),
+                  "plugins": plugin_states(strategy.plugins)}
+    keeps = {name: _holds_rows_of(value, rows, set()) for name, value in (
+        ("checkpoint", checkpoint), ("model", model),
+        ("strategy", {k: v for k, v in vars(strategy).items() if k != "experience"}))}
+    if replay:  # the detector finds the replay buffer's samples
+        assert keeps["checkpoint"] and keeps["strategy"]
+    else:
+        assert not any(keeps.values()), keeps
+
+
+def test_bad_configurations_fail_with_one_line():
+    _, arch = _tiny()
+    with pytest.raises(ValueError, match="experts.max=1 is below"):
+        _routed(arch, max=1)
+    with pytest.raises(ValueError, match="experts.policy must be grow"):
+        RoutedMixture(architecture=arch, policy=ExpertPolicy("fixed"))
+
+
+def test_a_class_in_two_experiences_is_refused():
+    torch.manual_seed(6)
+    bundle, arch = _tiny()
+    model = _routed(arch)
+    strategy = _strategy(model, epochs=1)
+    first = bundle.benchmark.train_stream[0]
+    strategy.train(first)
+    again = copy.copy(first)
+    again.current_experience = 1
+    with pytest.raises(ValueError, match="each class in one experience"):
+        strategy.train(again)
+
+
+def test_mean_pairwise_kl_is_zero_for_one_class_and_grows_with_separation():
+    torch.manual_seed(7)
+    noise = torch.randn(200, 3)
+    labels = torch.arange(200) % 2
+    assert mean_pairwise_kl(noise, torch.zeros(200, dtype=torch.long)) == 0.0
+    near = mean_pairwise_kl(noise + labels[:, None] * 0.5, labels)
+    far = mean_pairwise_kl(noise + labels[:, None] * 3.0, labels)
+    assert 0 < near < far
