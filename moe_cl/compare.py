@@ -9,10 +9,6 @@ Avalanche's naive, EWC, LwF, replay and joint training on the single-expert back
 the same epochs. Writes ``runs.csv``, ``table.json`` and ``table.md`` (mean +- std over seeds)
 covering every finished run in --out, so a run of a subset (``--only``, fewer seeds) adds to the
 table. Interrupted, it resumes.
-
-Exit codes: 0 done; 2 usage error (bad option or override, a run's configuration, data, device
-or checkpoint; nothing finished to tabulate with --report-only); 3 a run stopped on a NaN or
-infinite loss.
 """
 
 from __future__ import annotations
@@ -20,19 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe_cl import suite
 from moe_cl.methods import METHODS, key_applies
-from moe_cl.suite import (
-    COLLAPSE_H_U,
-    SuiteError,
-    Variant,
-    collapsed,
-    format_mean_std,
-    mean_std,
-    parse_suite_arguments,
-    positive_int,
-    train_and_collect,
-    write_tables,
-)
 
 POLICIES = {
     "fixed": ("experts.policy=fixed", "model.num_experts=10"),
@@ -54,22 +39,22 @@ COLUMNS = ("average_accuracy", "forgetting", "task_aware_average_accuracy", "H_s
            "num_experts", "num_parameters", "wall_time_s")
 
 
-def variants(scenario: str) -> list[Variant]:
+def variants(scenario: str) -> list[suite.Variant]:
     out = []
     policies = POLICIES | (TASK_POLICIES if scenario == "task" else {})
     for policy, argv in policies.items():
         for strategy, tag in (("attentive", ""), ("attentive_ls", "+ls")):
             for replay in (0, REPLAY_MEMORY):
                 name = f"moe-{policy}{tag}{'+replay' if replay else ''}-{scenario}"
-                out.append(Variant(name, (f"strategy={strategy}", *argv,
+                out.append(suite.Variant(name, (f"strategy={strategy}", *argv,
                                           f"replay.mem_size={replay}", f"scenario={scenario}")))
     # The original (softmax) gate, unregularised: the paper's collapse case, in this setting.
-    out.append(Variant(f"moe-fixed+softmax-{scenario}",
+    out.append(suite.Variant(f"moe-fixed+softmax-{scenario}",
                        ("strategy=moe", *POLICIES["fixed"], "replay.mem_size=0",
                         f"scenario={scenario}")))
     for baseline in BASELINES:  # replay.mem_size is refused by the methods that do not replay
         replay = (f"replay.mem_size={REPLAY_MEMORY}",) if _replays(baseline) else ()
-        out.append(Variant(f"{baseline}-{scenario}",
+        out.append(suite.Variant(f"{baseline}-{scenario}",
                            (f"strategy={baseline}", f"scenario={scenario}", *replay)))
     return out
 
@@ -78,8 +63,9 @@ def table(rows: list[dict]) -> dict:
     out = {}
     for name in dict.fromkeys(r["run"] for r in rows):
         runs = [r for r in rows if r["run"] == name]
-        out[name] = {"seeds": len(runs), **{c: mean_std([r[c] for r in runs]) for c in COLUMNS},
-                     "collapsed": collapsed(runs) if runs[0]["H_u"] is not None else None}
+        out[name] = {"seeds": len(runs),
+                     **{c: suite.mean_std([r[c] for r in runs]) for c in COLUMNS},
+                     "collapsed": suite.collapsed(runs) if runs[0]["H_u"] is not None else None}
     return out
 
 
@@ -87,7 +73,8 @@ def markdown(summary: dict, benchmark: str) -> str:
     head = ("| strategy | seeds | final avg accuracy | forgetting | task-aware accuracy | H_s |"
             " H_u | I(E;Y) | experts | parameters | wall time (s) | collapsed |")
     lines = [f"### {benchmark}: mean +- std over seeds; collapsed: runs with H_u < "
-             f"{COLLAPSE_H_U} bits (every test sample on one expert)", "", head, "|" + "---|" * 12]
+             f"{suite.COLLAPSE_H_U} bits (every test sample on one expert)", "", head,
+             "|" + "---|" * 12]
     for name, entry in summary.items():
         cells = []
         for column in COLUMNS:
@@ -99,7 +86,7 @@ def markdown(summary: dict, benchmark: str) -> str:
             elif column == "wall_time_s":
                 cells.append(f"{value[0]:.0f}")
             else:
-                cells.append(format_mean_std(value))
+                cells.append(suite.format_mean_std(value))
         cells.append("-" if entry["collapsed"] is None else str(entry["collapsed"]))
         lines.append(f"| {name} | {entry['seeds']} | " + " | ".join(cells) + " |")
     verdicts = targets(summary)
@@ -160,21 +147,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=("split_mnist", "split_fmnist", "split_cifar100",
                                               "tiny"))
-    parser.add_argument("--seeds", type=positive_int, default=3,
-                        help="seeds 0..N-1, N >= 1 (default 3)")
     parser.add_argument("--scenarios", nargs="+", choices=("class", "task"),
                         default=["class", "task"])
     parser.add_argument("--only", nargs="+", default=None,
                         help="run names to train (prefix match, e.g. moe-grow naive); each must "
                              "match a run of --scenarios. The table still covers every finished "
                              "run in --out")
-    parser.epilog = ("Any key=value argument is applied to every run (keys of the mixture only\n"
-                     "to its runs), e.g. train.epochs=1 device=cuda; seed, benchmark, strategy,\n"
-                     "scenario, out_dir and resume are set by the suite.")
-    args, overrides = parse_suite_arguments(
-        parser, argv, "compare",
+    args, overrides = suite.parse_suite_arguments(
+        parser, argv, "compare", seeds=3, example="train.epochs=1 device=cuda",
         controlled={"strategy": "choose runs with --only", "scenario": "use --scenarios"})
-    out = args.out
     pool = [v for s in args.scenarios for v in variants(s)]
     if args.only is not None:
         unmatched = [p for p in args.only if not any(v.name.startswith(p) for v in pool)]
@@ -187,17 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"NAME-<scenario>): {', '.join(names)}")
     chosen = [v for v in pool if args.only is None or v.name.startswith(tuple(args.only))]
     everything = [v for s in ("class", "task") for v in variants(s)]
-    try:
-        rows = train_and_collect(args.benchmark, chosen, everything, range(args.seeds), out,
-                                 extra=overrides, report_only=args.report_only)
-    except SuiteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    summary = table(rows)
-    text = markdown(summary, args.benchmark)
-    write_tables(out, rows, summary, text)
-    print(text)
-    return 0
+
+    def tabulate(rows: list[dict]) -> tuple[dict, str]:
+        summary = table(rows)
+        return summary, markdown(summary, args.benchmark)
+
+    return suite.train_and_tabulate(args, overrides, chosen, everything, tabulate)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,7 @@ class SampleSimilarityRegularizer(RoutingRegularizer):
         for name, value in (("beta_s", beta_s), ("beta_d", beta_d)):
             if value < 0:
                 raise ValueError(f"regularizer.ls.{name} must be >= 0, got {value}")
-        self.beta_s = beta_s
-        self.beta_d = beta_d
+        self.beta_s, self.beta_d = beta_s, beta_d
         self.scaling = scaling
         self.normalize_max = normalize_max
         self.features = features

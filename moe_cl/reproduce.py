@@ -12,10 +12,6 @@ same, and the two distilled models) on a paper benchmark, then writes
 The tables cover every finished run in --out (any variant, seed or grid point), so a run of a
 subset adds to them. Interrupted, it resumes: finished runs are read back, the interrupted one
 continues from its checkpoint. ``--grid`` adds the paper's hyperparameter grids.
-
-Exit codes: 0 done; 2 usage error (bad option or override, a run's configuration, data, device
-or checkpoint; nothing finished to tabulate with --report-only); 3 a run stopped on a NaN or
-infinite loss.
 """
 
 from __future__ import annotations
@@ -28,20 +24,9 @@ from pathlib import Path
 
 import yaml
 
+from moe_cl import suite
 from moe_cl.figures import heatmaps_side_by_side, save_figure
 from moe_cl.run_folder import read_results
-from moe_cl.suite import (
-    COLLAPSE_H_U,
-    SuiteError,
-    Variant,
-    collapsed,
-    format_mean_std,
-    mean_std,
-    parse_suite_arguments,
-    positive_int,
-    train_and_collect,
-    write_tables,
-)
 
 PAPER_BENCHMARKS = ("paper_mnist", "paper_fmnist", "paper_cifar100")
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -75,23 +60,23 @@ def published(benchmark: str) -> dict:
     return yaml.safe_load(text).get(benchmark, {})
 
 
-def variants(benchmark: str, names: list[str], grid: bool) -> list[Variant]:
+def variants(benchmark: str, names: list[str], grid: bool) -> list[suite.Variant]:
     out = []
     for name in names:
         argv = tuple(a.replace("DISTILL", str(DISTILL_EPOCHS[benchmark])) for a in VARIANTS[name])
         teacher = TEACHERS.get(name, "")
-        out.append(Variant(name, argv, name, teacher=teacher))
+        out.append(suite.Variant(name, argv, name, teacher=teacher))
         if not grid:
             continue
         if name.endswith("_importance"):
             for w in IMPORTANCE_GRID:
-                out.append(Variant(f"{name}[w={w}]", (*argv, f"regularizer.importance={w}"),
-                                   name, {"importance": w},
-                                   teacher and f"{teacher}[w={w}]"))
+                out.append(suite.Variant(f"{name}[w={w}]",
+                                         (*argv, f"regularizer.importance={w}"), name,
+                                         {"importance": w}, teacher and f"{teacher}[w={w}]"))
         elif name.endswith("_ls"):
             for beta_s, beta_d in itertools.product(BETA_S[benchmark], BETA_D[benchmark]):
                 point = f"[bs={beta_s:g},bd={beta_d:g}]"
-                out.append(Variant(
+                out.append(suite.Variant(
                     f"{name}{point}",
                     (*argv, f"regularizer.ls.beta_s={beta_s}", f"regularizer.ls.beta_d={beta_d}",
                      "regularizer.ls.scaling=reference"),
@@ -110,15 +95,15 @@ def aggregate(rows: list[dict], benchmark: str, names: list[str]) -> dict:
             continue
         finished = [r for r in runs if r["train_error"] is not None]
         best = min(finished, key=lambda r: r["train_error"]) if finished else runs[0]
-        test_std = mean_std([r["test_error"] for r in runs])
+        test_std = suite.mean_std([r["test_error"] for r in runs])
         entry = {
             "runs": len(runs),
             "best_run": {"run": best["run"], "seed": best["seed"],
                          **{c: best[c] for c in COLUMNS}},
             "std_test_error_all_runs": test_std[1] if test_std else None,
-            "mean_std_fixed": {c: mean_std([r[c] for r in fixed]) for c in COLUMNS},
+            "mean_std_fixed": {c: suite.mean_std([r[c] for r in fixed]) for c in COLUMNS},
             "seeds_fixed": len(fixed),
-            "collapsed_runs": collapsed(runs),
+            "collapsed_runs": suite.collapsed(runs),
             "published": paper.get(name),
         }
         table[name] = entry
@@ -153,7 +138,7 @@ def markdown(table: dict, benchmark: str) -> str:
     for name, entry in table.items():
         pub = entry["published"] or {}
         stats = entry["mean_std_fixed"]
-        cells = [format_mean_std(stats[c]) for c in COLUMNS]
+        cells = [suite.format_mean_std(stats[c]) for c in COLUMNS]
         verdict = ""
         if stats["test_error"] is not None and pub.get("test") is not None:
             ok = stats["test_error"][0] <= pub["test"] + 2 * pub["std"]
@@ -196,9 +181,9 @@ def targets(table: dict) -> list[str]:
     if "moe" in table:
         entry = table["moe"]
         shown = entry["collapsed_runs"] > 0
-        lines.append(f"- collapse of the unregularised original MoE (H_u < {COLLAPSE_H_U} bits): "
-                     f"{entry['collapsed_runs']} of {entry['runs']} runs"
-                     f"{'' if shown else ' (not reproduced)'}")
+        lines.append(f"- collapse of the unregularised original MoE (H_u < "
+                     f"{suite.COLLAPSE_H_U} bits): {entry['collapsed_runs']} of {entry['runs']} "
+                     f"runs{'' if shown else ' (not reproduced)'}")
     return lines
 
 
@@ -226,32 +211,25 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Reproduce the paper's tables (they cover every "
                                                  "finished run in --out).")
     parser.add_argument("benchmark", choices=PAPER_BENCHMARKS)
-    parser.add_argument("--seeds", type=positive_int, default=5,
-                        help="seeds 0..N-1, N >= 1 (default 5)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="variants to train (default all)")
     parser.add_argument("--grid", action="store_true", help="also run the paper's grids")
-    parser.epilog = ("Any key=value argument is applied to every run (keys of the mixture only "
-                     "to its runs), e.g. data.root=data device=cuda; seed, benchmark, strategy, "
-                     "out_dir and resume are set by the suite.")
-    args, overrides = parse_suite_arguments(parser, argv, "reproduce",
-                                            controlled={"strategy": "choose with --variants"})
-    out = args.out
-    try:
-        rows = train_and_collect(
-            args.benchmark, variants(args.benchmark, args.variants, args.grid),
-            variants(args.benchmark, list(VARIANTS), True), range(args.seeds), out,
-            extra=overrides, report_only=args.report_only)
-    except SuiteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    table = aggregate(rows, args.benchmark, list(VARIANTS))
-    text = markdown(table, args.benchmark)
-    write_heatmaps(out, table, rows)
-    write_tables(out, rows, table, text)
-    print(text)
-    print(f"raw runs: {out / 'runs.csv'}; tables: {out / 'table.md'}, {out / 'table.json'}")
-    return 0
+    args, overrides = suite.parse_suite_arguments(
+        parser, argv, "reproduce", seeds=5, example="data.root=data device=cuda",
+        controlled={"strategy": "choose with --variants"})
+
+    def tabulate(rows: list[dict]) -> tuple[dict, str]:
+        table = aggregate(rows, args.benchmark, list(VARIANTS))
+        write_heatmaps(args.out, table, rows)
+        return table, markdown(table, args.benchmark)
+
+    code = suite.train_and_tabulate(
+        args, overrides, variants(args.benchmark, args.variants, args.grid),
+        variants(args.benchmark, list(VARIANTS), True), tabulate)
+    if code == 0:
+        out = args.out
+        print(f"raw runs: {out / 'runs.csv'}; tables: {out / 'table.md'}, {out / 'table.json'}")
+    return code
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ found there that was made with other settings (say, another ``train.lr=``) is an
 a row of the table.
 
 A run that fails stops the suite with a :class:`SuiteError` naming it, whose ``exit_code`` is
-``python -m moe_cl.run``'s: 2 for a usage error (configuration, data, device, checkpoint), 3 for
-a NaN or infinite loss.
+``python -m moe_cl.run``'s (:data:`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ import io
 import math
 import shutil
 import statistics
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ from moe_cl.run_folder import (
     write_json,
 )
 
+EXIT_CODES = ("Exit codes: 0 done; 2 usage error (bad option or override, a run's configuration, "
+              "data, device or checkpoint; nothing finished to tabulate with --report-only); 3 "
+              "a run stopped on a NaN or infinite loss.")
 COLLAPSE_H_U = 0.1  # bits: (nearly) every sample routed to one expert
 FIELDS = ("run", "category", "seed", "train_error", "test_error", "MI_pred", "MI", "H_s", "H_u",
           "average_accuracy", "forgetting", "task_aware_average_accuracy", "num_experts",
@@ -81,58 +85,68 @@ class Variant:
         return self.category or self.name
 
 
-def run_suite(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int], out: Path,
-              *, extra: Sequence[str] = (), echo: Callable[[str], None] = print,
-              run: bool = True) -> list[dict]:
-    """Run every variant with every seed (skipping finished runs); returns one row per run.
-    With ``run=False`` nothing is trained: the rows are the runs already finished.
-    Raises :class:`SuiteError` naming the run that failed (or a finished run of another
-    benchmark in ``out``)."""
-    rows = []
+def train_runs(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int], out: Path,
+               *, extra: Sequence[str] = (), echo: Callable[[str], None] = print) -> None:
+    """Train every variant with every seed that has no finished run in ``out`` (an interrupted
+    run resumes), reporting each run. Raises :class:`SuiteError` naming the run that failed, or
+    a run found in ``out`` that was made with other settings or for another benchmark."""
     total = len(variants) * len(seeds)
     started = time.perf_counter()
     spent_on_new = 0.0
     new_runs = 0
     # Seeds outermost: a partial suite already covers every variant.
     for index, (seed, variant) in enumerate(((s, v) for s in seeds for v in variants), start=1):
-        folder = out / variant.name / f"seed-{seed}"
+        folder = folder_of(out, variant.name, seed)
         results = read_results(folder)
         done = is_complete(results)
-        if not done and not run:
-            continue
-        if run and (done or has_checkpoint(folder)):
+        if done or has_checkpoint(folder):
             _check_settings(benchmark, variant, seed, out, extra)
-        if not done:
+        if done:
+            _check_benchmark(results, benchmark, folder)
+        else:
             run_started = time.perf_counter()
             results = _train(benchmark, variant, seed, out, extra, echo)
             spent_on_new += time.perf_counter() - run_started
             new_runs += 1
-        elif results.get("benchmark", benchmark) != benchmark:
-            raise SuiteError(f"{folder} holds a run of benchmark {results['benchmark']}, not "
-                             f"{benchmark}; choose another --out")
-        row = {"run": variant.name, "category": variant.group, "seed": seed,
-               **{k: results.get(k) for k in FIELDS[3:]}}
-        row.update({f"hp_{k}": v for k, v in variant.hyperparameters.items()})
-        rows.append(row)
-        remaining = total - index
-        eta = spent_on_new / new_runs * remaining if new_runs else 0.0
+        eta = spent_on_new / new_runs * (total - index) if new_runs else 0.0
         echo(f"[{index}/{total}] {variant.name} seed {seed}: test error "
-             f"{_fmt(row['test_error'])}, train error {_fmt(row['train_error'])}"
+             f"{_fmt(results.get('test_error'))}, train error {_fmt(results.get('train_error'))}"
              f"{' (done before)' if done else ''}; elapsed {time.perf_counter() - started:.0f} s,"
              f" about {eta:.0f} s left")
-    return rows
 
 
 def finished_runs(benchmark: str, variants: Sequence[Variant], out: Path) -> list[dict]:
     """One row per finished run of any of ``variants`` in ``out``, whichever seeds and selection
-    made it: what the tables cover. Trains nothing."""
+    made it: what the tables cover. Trains nothing; a finished run of another benchmark is a
+    :class:`SuiteError`."""
     seeds = set()
     for variant in variants:
         folder = out / variant.name
         if folder.is_dir():
             seeds |= {int(p.name[5:]) for p in folder.iterdir()
                       if p.name.startswith("seed-") and p.name[5:].isdigit()}
-    return run_suite(benchmark, variants, sorted(seeds), out, run=False, echo=lambda _: None)
+    rows = []
+    for seed in sorted(seeds):  # seeds outermost, as the runs are trained
+        for variant in variants:
+            folder = folder_of(out, variant.name, seed)
+            results = read_results(folder)
+            if is_complete(results):
+                _check_benchmark(results, benchmark, folder)
+                rows.append({"run": variant.name, "category": variant.group, "seed": seed,
+                             **{k: results.get(k) for k in FIELDS[3:]},
+                             **{f"hp_{k}": v for k, v in variant.hyperparameters.items()}})
+    return rows
+
+
+def folder_of(out: Path, run: str, seed: int) -> Path:
+    """The folder of the run named ``run`` with ``seed`` in the suite folder ``out``."""
+    return out / run / f"seed-{seed}"
+
+
+def _check_benchmark(results: dict, benchmark: str, folder: Path) -> None:
+    if results.get("benchmark", benchmark) != benchmark:
+        raise SuiteError(f"{folder} holds a run of benchmark {results['benchmark']}, not "
+                         f"{benchmark}; choose another --out")
 
 
 def train_and_collect(benchmark: str, chosen: Sequence[Variant], everything: Sequence[Variant],
@@ -141,12 +155,30 @@ def train_and_collect(benchmark: str, chosen: Sequence[Variant], everything: Seq
     """Train the ``chosen`` runs (unless ``report_only``), then return the rows of every finished
     run of ``everything`` in ``out``: what the tables show. Nothing to show is a SuiteError."""
     if not report_only:
-        run_suite(benchmark, chosen, seeds, out, extra=extra)
+        train_runs(benchmark, chosen, seeds, out, extra=extra)
     rows = finished_runs(benchmark, everything, out)
     if not rows:
         raise SuiteError(f"no finished runs in {out} to tabulate (run without --report-only "
                          "first); nothing written")
     return rows
+
+
+def train_and_tabulate(args: argparse.Namespace, overrides: Sequence[str],
+                       chosen: Sequence[Variant], everything: Sequence[Variant],
+                       tabulate: Callable[[list[dict]], tuple[dict, str]]) -> int:
+    """A suite command once its arguments are parsed: train the ``chosen`` runs (see
+    :func:`train_and_collect`), turn the rows of every finished run into a table and its text
+    (``tabulate``), write and print them. Returns the exit code; a failure is one error line."""
+    try:
+        rows = train_and_collect(args.benchmark, chosen, everything, range(args.seeds), args.out,
+                                 extra=overrides, report_only=args.report_only)
+    except SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    table, text = tabulate(rows)
+    write_tables(args.out, rows, table, text)
+    print(text)
+    return 0
 
 
 def write_tables(out: Path, rows: list[dict], table: dict, text: str) -> None:
@@ -163,7 +195,7 @@ def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequen
     from moe_cl.checkpoint import CheckpointError
     from moe_cl.experiment import run_experiment
 
-    folder = out / variant.name / f"seed-{seed}"
+    folder = folder_of(out, variant.name, seed)
     label = f"run {variant.name} seed {seed} ({folder})"
     if (folder / RESULTS).exists() and read_results(folder) is None:
         echo(f"{folder / RESULTS} is unreadable: the run is resumed (or trained again)")
@@ -188,10 +220,10 @@ def _train(benchmark: str, variant: Variant, seed: int, out: Path, extra: Sequen
 
 def _run_config(benchmark: str, variant: Variant, seed: int, out: Path,
                 extra: Sequence[str]) -> DictConfig:
-    folder = out / variant.name / f"seed-{seed}"
+    folder = folder_of(out, variant.name, seed)
     argv = [f"benchmark={benchmark}", *variant.argv, f"seed={seed}", f"out_dir={folder}",
             "logging.interactive=false", "logging.tensorboard=false"]
-    teacher = out / variant.teacher / f"seed-{seed}"
+    teacher = folder_of(out, variant.teacher, seed)
     if variant.teacher and is_complete(read_results(teacher)):
         argv.append(f"distill.teacher={teacher}")
     return compose([*argv, *_applicable(compose(argv), extra)])
@@ -208,7 +240,7 @@ def _check_settings(benchmark: str, variant: Variant, seed: int, out: Path,
     settings this call asks for: otherwise the tables would mix settings silently."""
     from moe_cl.config import ConfigError, changed_settings, load_saved
 
-    folder = out / variant.name / f"seed-{seed}"
+    folder = folder_of(out, variant.name, seed)
     try:
         changed = changed_settings(load_saved(folder / CONFIG),
                                    _run_config(benchmark, variant, seed, out, extra), NOT_SETTINGS)
@@ -232,21 +264,30 @@ def positive_int(text: str) -> int:
 
 
 def parse_suite_arguments(parser: argparse.ArgumentParser, argv: list[str] | None,
-                          default_out: str, *, controlled: dict[str, str] | None = None
+                          default_out: str, *, seeds: int, example: str,
+                          controlled: dict[str, str] | None = None
                           ) -> tuple[argparse.Namespace, list[str]]:
-    """The options every suite command shares: --out, --report-only, and key=value overrides
-    applied to every run. Overrides of keys the suite sets itself (:data:`CONTROLLED`, plus the
-    command's ``controlled``) are usage errors naming the option to use instead."""
+    """The options every suite command shares: --seeds (default ``seeds``), --out,
+    --report-only, and key=value overrides applied to every run (``example``: some, for the
+    help). Overrides of keys the suite sets itself (:data:`CONTROLLED`, plus the command's
+    ``controlled``) are usage errors naming the option to use instead."""
+    forbidden = CONTROLLED | (controlled or {})
+    parser.add_argument("--seeds", type=positive_int, default=seeds,
+                        help=f"seeds 0..N-1, N >= 1 (default {seeds})")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results folder (default runs/{default_out}/<benchmark>)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: tabulate the runs already finished in --out "
                              "(an error if there are none)")
+    overrides_help = (f"Any key=value argument is applied to every run that reads it (keys of "
+                      f"the mixture only to its runs), e.g. {example}; {', '.join(forbidden)} "
+                      "are set by the suite.")
+    parser.epilog = "\n\n".join(textwrap.fill(p) for p in (overrides_help, EXIT_CODES))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps those paragraphs
     args, overrides = parser.parse_known_args(argv)
     unknown = [a for a in overrides if "=" not in a or a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    forbidden = CONTROLLED | (controlled or {})
     for override in overrides:
         key = override.split("=", 1)[0].strip()
         if key in forbidden:

@@ -15,7 +15,7 @@ from moe_cl.bench.registry import Section
 from moe_cl.bench.report import key_value_lines
 from moe_cl.bench.settings import Options, Sizes
 from moe_cl.core.mixture import MixtureOfExpertsCore
-from moe_cl.core.zoo import build_mixture, distilled_gate, get_architecture
+from moe_cl.core.zoo import build_mixture, distilled_mixture, get_architecture
 
 ARCHITECTURES = ("cifar100", "cifar100_h256")
 
@@ -56,7 +56,7 @@ def topk_cases(
     torch.manual_seed(0)
     arch = get_architecture(arch_name)
     teacher = build_mixture(arch, gate="attentive", num_experts=num_experts)
-    core = distilled_gate(teacher, arch).to(device).eval()
+    core = distilled_mixture(teacher, arch).to(device).eval()
     x = torch.randn(batch, *arch.input_shape, device=device)
     with torch.no_grad():
         gate = core.gate(x)

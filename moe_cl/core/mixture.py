@@ -135,7 +135,7 @@ class MixtureOfExpertsCore(nn.Module):
         if self.gate.needs_expert_hidden:
             raise ValueError(
                 "top-k inference needs a gate that routes before the experts run; distil the "
-                "attentive gate into a softmax gate first (moe_cl.core.zoo.distilled_gate)"
+                "attentive gate into a softmax gate first (moe_cl.core.zoo.distilled_mixture)"
             )
         if not 1 <= k <= self.num_experts:
             raise ValueError(f"k must be in [1, {self.num_experts}], got {k}")

@@ -202,7 +202,7 @@ def build_single_model(arch: Architecture) -> ReferenceExpert:
     return arch.expert.build_reference()
 
 
-def distilled_gate(
+def distilled_mixture(
     teacher: MixtureOfExpertsCore, arch: Architecture
 ) -> MixtureOfExpertsCore:
     """A softmax-gate mixture routing without the experts' hidden vectors.
@@ -212,7 +212,7 @@ def distilled_gate(
     with the mixture loss alone (the paper: Adam lr 1e-3, 20 epochs; 40 for CIFAR-100).
     """
     if not isinstance(teacher.gate, AttentiveGate):
-        raise ValueError("distilled_gate needs a teacher with an attentive gate")
+        raise ValueError("distilled_mixture needs a teacher with an attentive gate")
     bank = copy.deepcopy(teacher.bank)
     bank.freeze_existing()
     gate = build_gate(arch, "softmax", bank.num_experts)

@@ -9,7 +9,7 @@ from torch import nn
 from moe_cl.core.bank import ExpertBank
 from moe_cl.core.gates import AttentiveGate, SoftmaxGate
 from moe_cl.core.mixture import EPS, MixtureOfExpertsCore
-from moe_cl.core.zoo import ARCHITECTURES, build_mixture, distilled_gate, mlp_architecture
+from moe_cl.core.zoo import ARCHITECTURES, build_mixture, distilled_mixture, mlp_architecture
 
 
 def test_attentive_gate_formula():
@@ -117,11 +117,11 @@ def test_growth_adds_experts_to_bank_and_softmax_gate():
 
 
 @pytest.mark.parametrize("name", ["mnist", "fmnist", "cifar100"])
-def test_distilled_gate_copies_network_and_freezes_experts(name):
+def test_distilled_mixture_copies_network_and_freezes_experts(name):
     torch.manual_seed(5)
     arch = ARCHITECTURES[name]
     teacher = build_mixture(arch, gate="attentive").eval()
-    student = distilled_gate(teacher, arch).eval()
+    student = distilled_mixture(teacher, arch).eval()
     x = torch.randn(3, *arch.input_shape)
     for (n, p), (_, q) in zip(teacher.gate.network.named_parameters(),
                               student.gate.network.named_parameters(), strict=False):
