@@ -22,7 +22,15 @@ import moe_cl
 from moe_cl.benchmarks import BENCHMARK_NAMES
 from moe_cl.core.choices import GATES, OUTPUTS, PAPER_ARCHITECTURES, SCALINGS
 from moe_cl.methods import METHODS, key_applies
-from moe_cl.model_options import EXPERT_INITS, POLICIES, SCENARIOS, ExpertPolicy
+from moe_cl.model_options import (
+    EXPERT_INITS,
+    POLICIES,
+    ROUTER_COMBINES,
+    ROUTER_FEATURES,
+    SCENARIOS,
+    ExpertPolicy,
+    RouterOptions,
+)
 from moe_cl.run_folder import USAGE_ERROR
 
 DEFAULT_BENCHMARK = "split_fmnist"
@@ -134,6 +142,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     experts: ExpertPolicy = field(default_factory=ExpertPolicy)
+    router: RouterOptions = field(default_factory=RouterOptions)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
@@ -155,15 +164,19 @@ CHOICES: dict[str, Collection[str]] = {
     "experts.policy": POLICIES,
     "experts.init": EXPERT_INITS,
     "regularizer.ls.scaling": SCALINGS,
+    "router.feature": ROUTER_FEATURES,
+    "router.combine": ROUTER_COMBINES,
 }
 POSITIVE = ("train.batch_size", "train.eval_batch_size", "model.num_experts",
             "experts.per_experience", "experts.probe_samples", "data.n_experiences",
-            "model.mlp_width", "model.mlp_hidden")
+            "model.mlp_width", "model.mlp_hidden", "router.channels", "router.kernel",
+            "router.pool")
 NON_NEGATIVE = ("train.epochs", "regularizer.importance", "regularizer.ls.beta_s",
                 "regularizer.ls.beta_d", "replay.mem_size", "distill.epochs",
                 "train.checkpoint_every_epochs", "baseline.ewc_lambda", "baseline.lwf_alpha",
-                "experts.threshold")
-ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature")
+                "experts.threshold", "experts.max", "experts.reuse_distillation",
+                "router.expert_weight")
+ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature", "router.shrinkage")
 MAX_SEED = 2**32 - 1  # numpy's limit; Avalanche seeds numpy, random and torch alike
 
 
@@ -349,6 +362,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("experts.route_by_task needs scenario=task (task labels at test time)")
     if cfg.distill.teacher and not cfg.distill.epochs:
         raise ConfigError("distill.teacher needs distill.epochs >= 1 (it is what gets distilled)")
+    problem = METHODS[cfg.method].problem(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _validate_top_k(cfg: DictConfig) -> None:

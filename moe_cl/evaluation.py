@@ -64,7 +64,7 @@ class RoutingMetrics(PluginMetric[dict]):
         prediction = out.selected_expert_prediction()
         for acc in (self._experience, self._stream):
             acc.update(out.gate, strategy.mb_y, log_probs=strategy.mb_output,
-                       expert_prediction=prediction)
+                       expert_prediction=prediction, router_log_probs=out.router_log_probs)
 
     def after_eval_exp(self, strategy, **kwargs):
         if not self.per_experience or self._experience is None:

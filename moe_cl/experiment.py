@@ -478,6 +478,10 @@ def _results(run: Run, model: torch.nn.Module, *, complete: bool, n_train: int) 
         "train_error": progress.train_errors[-1] if progress.train_errors else None,
         "test_error": routing.get("error", 1.0 - average_accuracy(matrix)) if matrix else None,
         "top5_error": routing.get("top5_error"),
+        # a routed mixture: its router's own error, and the bytes of what it keeps instead of
+        # samples
+        "router_error": routing.get("router_error"),
+        "statistics_bytes": getattr(model, "statistics_bytes", None),
         "H_s": routing.get("H_s"),
         "H_u": routing.get("H_u"),
         "MI": routing.get("MI"),

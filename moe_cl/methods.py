@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from moe_cl.model_options import ExpertPolicy
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torch import nn
@@ -42,6 +44,28 @@ def mixture_model(cfg: DictConfig, architecture: Architecture) -> nn.Module:
                             policy=ExpertPolicy(**cfg.experts), scenario=cfg.scenario)
 
 
+def routed_mixture_model(cfg: DictConfig, architecture: Architecture) -> nn.Module:
+    from moe_cl.model_options import ExpertPolicy, RouterOptions
+    from moe_cl.routed import RoutedMixture
+
+    return RoutedMixture(architecture=architecture, gate=cfg.model.gate,
+                         num_experts=cfg.model.num_experts, output=cfg.model.output,
+                         policy=ExpertPolicy(**cfg.experts), scenario=cfg.scenario,
+                         router=RouterOptions(**cfg.router))
+
+
+def routed_problem(cfg: DictConfig) -> str | None:
+    """What a routed mixture needs: growth, and a cap that leaves room for one experience."""
+    if cfg.experts.policy != "grow":
+        return (f"method={cfg.method} adds or reuses experts for every experience: "
+                f"experts.policy must be grow, got {cfg.experts.policy}")
+    needed = max(cfg.model.num_experts, cfg.experts.per_experience)
+    if cfg.experts.max and cfg.experts.max < needed:
+        return (f"experts.max={cfg.experts.max} is below the experts one experience needs "
+                f"({needed}: model.num_experts and experts.per_experience)")
+    return None
+
+
 def single_expert_model(cfg: DictConfig, architecture: Architecture) -> nn.Module:
     from moe_cl.models import SingleExpertModel
 
@@ -56,7 +80,8 @@ class Method:
     list them ignore. ``mixture``: its model is a :class:`~moe_cl.models.MixtureOfExperts`
     (routing metrics, distillation, the mixture's weight-decay rule). ``joint``: it trains once,
     on all experiences together. ``build_model``: only where the model is neither the mixture
-    nor the single expert.
+    nor the single expert. ``check``: the method's own conditions on a configuration, returning
+    what is wrong (one line) or None.
     """
 
     name: str
@@ -66,6 +91,10 @@ class Method:
     mixture: bool = False
     joint: bool = False
     build_model: ModelBuilder | None = None
+    check: Callable[[DictConfig], str | None] | None = None
+
+    def problem(self, cfg: DictConfig) -> str | None:
+        return self.check(cfg) if self.check is not None else None
 
     def make_model(self, cfg: DictConfig, architecture: Architecture) -> nn.Module:
         build = self.build_model or (mixture_model if self.mixture else single_expert_model)
@@ -136,11 +165,21 @@ def joint_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBun
 # ----------------------------------------------------------------------------- the registry
 
 BACKBONE = "on the single-expert backbone"
+MIXTURE_KEYS = ("model.num_experts", "model.gate", "model.output", "regularizer.", "replay.")
+# The expert policy's keys; the cap and the reuse distillation are the routed mixture's alone.
+ROUTED_EXPERT_KEYS = ("experts.max", "experts.reuse_distillation")
+EXPERT_KEYS = tuple(f"experts.{name}" for name in ExpertPolicy.__dataclass_fields__
+                    if f"experts.{name}" not in ROUTED_EXPERT_KEYS)
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("moe", "a mixture of experts (MoEStrategy): gate, expert policy, L_importance, L_s, "
            "replay, distillation", moe_strategy, mixture=True,
-           keys=("model.num_experts", "model.gate", "model.output", "experts.", "regularizer.",
-                 "distill.", "eval.top_k", "replay.")),
+           keys=(*MIXTURE_KEYS, *EXPERT_KEYS, "distill.", "eval.top_k")),
+    Method("routed", "a mixture whose routing cannot forget (moe_cl.routed): class statistics "
+           "in a frozen feature space pick the experience, the gate picks among its experts; "
+           "experts per experience, frozen after it, reused past experts.max",
+           moe_strategy, mixture=True, build_model=routed_mixture_model, check=routed_problem,
+           keys=(*MIXTURE_KEYS, "experts.policy", "experts.per_experience", "experts.init",
+                 "experts.probe_samples", *ROUTED_EXPERT_KEYS, "router.")),
     Method("naive", f"Avalanche Naive (fine-tuning) {BACKBONE}: the lower bound", naive_strategy),
     Method("ewc", f"Avalanche EWC {BACKBONE}", ewc_strategy, keys=("baseline.ewc_lambda",)),
     Method("lwf", f"Avalanche LwF (distillation from the previous model) {BACKBONE}",

@@ -90,7 +90,11 @@ class RoutedMixture(MixtureOfExperts):
         if options.feature == "pixels":
             return PixelFeatures()
         if options.feature == "random_conv":
-            channels = self.architecture.input_shape[0]
+            channels, *sides = self.architecture.input_shape
+            if (min(sides) - options.kernel + 1) // options.pool < 1:
+                raise ValueError(
+                    f"router.kernel={options.kernel} and router.pool={options.pool} leave no "
+                    f"features of {'x'.join(map(str, sides))} inputs; choose smaller ones")
             return RandomConvFeatures(channels, options.channels, options.kernel, options.pool,
                                       options.seed)
         return None  # gate_trunk: the gate network's layers up to its first Flatten
@@ -103,6 +107,11 @@ class RoutedMixture(MixtureOfExperts):
             size = self.router_features(probe).shape[1]
             self.train(was_training)
         return size
+
+    @property
+    def statistics_bytes(self) -> int:
+        """What the router keeps instead of samples: its class statistics, in bytes."""
+        return self.statistics.nbytes
 
     def router_features(self, x: Tensor) -> Tensor:
         """The router's features of a batch: a fixed function once the first experience has

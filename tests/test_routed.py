@@ -229,3 +229,55 @@ def test_mean_pairwise_kl_is_zero_for_one_class_and_grows_with_separation():
     near = mean_pairwise_kl(noise + labels[:, None] * 0.5, labels)
     far = mean_pairwise_kl(noise + labels[:, None] * 3.0, labels)
     assert 0 < near < far
+
+
+def test_a_reuse_in_progress_survives_a_state_dict_round_trip():
+    torch.manual_seed(8)
+    bundle, arch = _tiny()
+    model = _routed(arch, max=4)
+    strategy = _strategy(model, epochs=1)
+    for experience in bundle.benchmark.train_stream:
+        strategy.train(experience)
+    reused = model.reused_group
+    assert reused is not None
+    fresh = _routed(arch, max=4)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.reused_group == reused
+    teacher, restored = model.reuse_teacher.state_dict(), fresh.reuse_teacher.state_dict()
+    assert teacher.keys() == restored.keys()
+    assert all(torch.equal(teacher[k], restored[k]) for k in teacher)
+    group = fresh.core.bank.groups[reused]
+    assert all(p.requires_grad for p in group.parameters())
+    assert not any(p.requires_grad for g in fresh.core.bank.groups if g is not group
+                   for p in g.parameters())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("experts.max=1", "experts.max=1 is below"),
+    ("experts.policy=fixed", "experts.policy must be grow"),
+    ("router.feature=nope", "router.feature='nope' is not valid"),
+    ("router.combine=sum", "router.combine='sum' is not valid"),
+    ("router.shrinkage=0", "router.shrinkage must be"),
+    ("experts.freeze_old=true", "does not apply to method=routed"),
+])
+def test_bad_router_settings_are_one_line_usage_errors(tmp_path, capsys, override, message):
+    from moe_cl.run import main
+
+    out = tmp_path / "run"
+    code = main(["benchmark=tiny", "strategy=routed", override, f"out_dir={out}",
+                 "logging.interactive=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_feature_map_larger_than_the_input_is_a_usage_error(tmp_path, capsys):
+    from moe_cl.run import main
+
+    out = tmp_path / "run"
+    code = main(["benchmark=tiny", "strategy=routed", "router.kernel=9", f"out_dir={out}",
+                 "logging.interactive=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "router" in err and "Traceback" not in err
+    assert not out.exists()

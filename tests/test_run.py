@@ -280,10 +280,11 @@ def _cli(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-@pytest.mark.parametrize("every_epochs", [0, 10])
-def test_killed_run_resumes_to_identical_results(tmp_path, every_epochs):
+@pytest.mark.parametrize(("strategy", "every_epochs"), [("attentive_ls", 0),
+                                                         ("attentive_ls", 10), ("routed", 10)])
+def test_killed_run_resumes_to_identical_results(tmp_path, strategy, every_epochs):
     """Killed after the first checkpoint: the end of experience 0, or epoch 10 inside it."""
-    args = ["benchmark=tiny", "strategy=attentive_ls", "train.epochs=30", "seed=7",
+    args = [f"strategy={strategy}", "benchmark=tiny", "train.epochs=30", "seed=7",
             "logging.figures=false", f"train.checkpoint_every_epochs={every_epochs}"]
     whole = _cli(*args, f"out_dir={tmp_path / 'whole'}")
     killed = _cli(*args, f"out_dir={tmp_path / 'killed'}")
