@@ -35,3 +35,49 @@ def stream_from_tensors(train: list, test: list):
         train=[tensor_dataset(*t) for t in train], test=[tensor_dataset(*t) for t in test]
     )
     return with_task_labels(with_classes_timeline(bm))
+
+
+def moe_strategy(model, *, epochs=4, plugins=(), evaluator=None, train_mb_size=32, **kwargs):
+    """An MoEStrategy with the settings the Avalanche-level tests share."""
+    from moe_cl.strategies import MoEStrategy
+
+    return MoEStrategy(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
+        train_mb_size=train_mb_size,
+        train_epochs=epochs,
+        eval_mb_size=256,
+        plugins=list(plugins),
+        evaluator=evaluator or quiet_evaluator(),
+        **kwargs,
+    )
+
+
+def tiny(n_experiences=3, scenario="class", seed=0):
+    """The tiny benchmark and a small mlp architecture for it."""
+    from moe_cl.benchmarks import make_benchmark
+    from moe_cl.core.zoo import mlp_architecture
+
+    bundle = make_benchmark("tiny", n_experiences=n_experiences, scenario=scenario, seed=seed)
+    arch = mlp_architecture(bundle.input_shape, bundle.n_classes, width=32, hidden=16)
+    return bundle, arch
+
+
+
+def grown_task_mixture():
+    """A task-incremental mixture grown on the first two of tiny's three tasks (an expert
+    added per experience, the old ones frozen), a builder of fresh ones like it, and the data."""
+    from moe_cl.models import ExpertPolicy, MixtureOfExperts
+
+    torch.manual_seed(3)
+    bundle, arch = tiny(3, scenario="task")
+    policy = ExpertPolicy("grow", per_experience=1, freeze_old=True)
+
+    def build():
+        return MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
+
+    model = build()
+    strategy = moe_strategy(model, epochs=1)
+    for exp in bundle.benchmark.train_stream[:2]:
+        strategy.train(exp)
+    return model, build, bundle

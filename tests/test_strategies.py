@@ -1,249 +1,14 @@
-"""Avalanche integration: growth policies, freezing, optimizer state, scenarios, plugins."""
-
-import copy
+"""MoEStrategy: online EWC with growth, the stochastic loss and top-k evaluation, the models it
+accepts, the fast data path."""
 
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training import Naive
-from avalanche.training.plugins import ReplayPlugin
 
-from moe_cl.benchmarks import make_benchmark
-from moe_cl.checkpoint import load_model_state
 from moe_cl.core.zoo import mlp_architecture
 from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
-from moe_cl.plugins import (
-    ImportanceRegularizer,
-    NonFiniteLossError,
-    NonFiniteLossGuard,
-    SampleSimilarityRegularizer,
-)
 from moe_cl.strategies import MoEStrategy
-from tests.helpers import quiet_evaluator, stream_from_tensors
-
-
-def _strategy(model, *, epochs=4, plugins=(), evaluator=None, train_mb_size=32, **kwargs):
-    return MoEStrategy(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
-        train_mb_size=train_mb_size,
-        train_epochs=epochs,
-        eval_mb_size=256,
-        plugins=list(plugins),
-        evaluator=evaluator or quiet_evaluator(),
-        **kwargs,
-    )
-
-
-def _tiny(n_experiences=3, scenario="class", seed=0):
-    bundle = make_benchmark("tiny", n_experiences=n_experiences, scenario=scenario, seed=seed)
-    arch = mlp_architecture(bundle.input_shape, bundle.n_classes, width=32, hidden=16)
-    return bundle, arch
-
-
-class _OptimizerSnapshots(SupervisedPlugin):
-    """Adam state of the first expert group: after each experience and right after adaptation."""
-
-    def __init__(self):
-        super().__init__()
-        self.after_exp, self.after_adaptation = [], []
-
-    def _snapshot(self, strategy):
-        group = strategy.model.core.bank.groups[0]
-        return {
-            name: copy.deepcopy(strategy.optimizer.state.get(p, {}))
-            for name, p in group.named_parameters()
-        }
-
-    def after_training_exp(self, strategy, **kwargs):
-        self.after_exp.append(self._snapshot(strategy))
-
-    def before_training_epoch(self, strategy, **kwargs):
-        if strategy.clock.train_exp_epochs == 0:
-            self.after_adaptation.append(self._snapshot(strategy))
-
-
-def test_grow_with_freeze_keeps_old_experts_bit_identical():
-    torch.manual_seed(0)
-    bundle, arch = _tiny(3)
-    model = MixtureOfExperts(architecture=arch, gate="attentive", num_experts=2,
-                             policy=ExpertPolicy("grow", per_experience=2, freeze_old=True))
-    strategy = _strategy(model)
-    probe = torch.randn(16, *bundle.input_shape)
-    outputs_of_first = []
-    results = None
-    for exp in bundle.benchmark.train_stream:
-        strategy.train(exp)
-        results = strategy.eval(bundle.benchmark.test_stream)
-        model.eval()
-        logits, hidden = model.core.bank.groups[0](probe)
-        outputs_of_first.append((logits.clone(), hidden.clone()))
-    assert model.num_experts == 6 and model.group_sizes == [2, 2, 2]
-    assert [e["added"] for e in model.growth_log] == [2, 2]
-    assert torch.equal(outputs_of_first[0][0], outputs_of_first[2][0])
-    assert torch.equal(outputs_of_first[0][1], outputs_of_first[2][1])
-    stream_keys = [k for k in results if k.startswith("Routing_num_experts/eval_phase/test_stream")]
-    assert results[stream_keys[-1]] == 6.0
-    for name in ("Routing_H_s", "Routing_H_u", "Routing_MI", "Routing_MI_pred",
-                 "Routing_expert_usage", "Routing_expert_class_counts"):
-        assert any(k.startswith(name + "/eval_phase/test_stream") for k in results), name
-    usage = [v for k, v in results.items() if k == "Routing_expert_usage/eval_phase/test_stream"]
-    assert usage[0].shape == (6,)
-
-
-def test_growth_keeps_adam_state_of_existing_experts():
-    torch.manual_seed(1)
-    bundle, arch = _tiny(2)
-    model = MixtureOfExperts(architecture=arch, gate="softmax", num_experts=2,
-                             policy=ExpertPolicy("grow", per_experience=1))
-    snapshots = _OptimizerSnapshots()
-    strategy = _strategy(model, epochs=2, plugins=[snapshots])
-    old_params = [id(p) for p in model.parameters()]
-    for exp in bundle.benchmark.train_stream:
-        strategy.train(exp)
-    assert model.num_experts == 3
-    # The parameters that existed are the same objects, and their Adam moments survived growth.
-    assert set(old_params) <= {id(p) for p in model.parameters()}
-    before, after = snapshots.after_exp[0], snapshots.after_adaptation[1]
-    for name, state in before.items():
-        assert state, f"no optimizer state for {name}"
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(state[key], after[name][key]), (name, key)
-    new_group = model.core.bank.groups[1]
-    assert all(p in strategy.optimizer.state for p in new_group.parameters())
-
-
-def test_grow_on_demand_adds_for_new_classes_and_not_for_same_distribution():
-    torch.manual_seed(2)
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(4, 1, 8, 8, generator=g) * 3
-
-    def sample(classes, n):
-        y = torch.tensor(classes).repeat_interleave(n)
-        return centres[y] + 0.3 * torch.randn(len(y), 1, 8, 8, generator=g), y
-
-    arch = mlp_architecture((1, 8, 8), 4, width=32, hidden=16)
-    # Same distribution twice: the pool fits the second experience.
-    same = stream_from_tensors([sample([0, 1], 64), sample([0, 1], 64)], [sample([0, 1], 16)])
-    model = MixtureOfExperts(architecture=arch, num_experts=2,
-                             policy=ExpertPolicy("grow_on_demand", threshold=1.0))
-    strategy = _strategy(model, epochs=8)
-    for exp in same.train_stream:
-        strategy.train(exp)
-    assert model.num_experts == 2
-    assert model.growth_log[0]["added"] == 0 and model.growth_log[0]["score"] < 1.0
-    # New classes: no expert knows them, the best expert's loss is high, experts are added.
-    # With copied experts, the decision's probe also picks the sources.
-    new = stream_from_tensors([sample([0, 1], 64), sample([2, 3], 64)], [sample([0, 1], 16)])
-    model = MixtureOfExperts(architecture=arch, num_experts=2,
-                             policy=ExpertPolicy("grow_on_demand", per_experience=2,
-                                                 threshold=1.0, init="copy"))
-    strategy = _strategy(model, epochs=8)
-    strategy.train(new.train_stream[0])
-    expected = model.busiest_experts(new.train_stream[1], 2)
-    strategy.train(new.train_stream[1])
-    assert model.num_experts == 4
-    entry = model.growth_log[0]
-    assert entry["added"] == 2 and entry["score"] > 1.0 and "threshold" in entry["reason"]
-    assert entry["copied_from"] == expected
-
-
-def test_task_incremental_masks_each_task_and_reaches_high_accuracy():
-    torch.manual_seed(3)
-    bundle, arch = _tiny(3, scenario="task")
-    model = MixtureOfExperts(architecture=arch, num_experts=3, scenario="task")
-    strategy = _strategy(model, epochs=6)
-    for exp in bundle.benchmark.train_stream:
-        assert exp.task_label == exp.current_experience
-        strategy.train(exp)
-    results = strategy.eval(bundle.benchmark.test_stream)
-    stream_acc = [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")]
-    assert stream_acc[0] > 0.9
-    # Predictions stay inside each sample's task.
-    x = torch.randn(4, *bundle.input_shape)
-    pred = model(x, torch.tensor([0, 1, 2, 0])).argmax(-1)
-    for p, task in zip(pred.tolist(), [0, 1, 2, 0], strict=True):
-        assert p in bundle.classes_per_experience[task]
-
-
-def test_class_incremental_masks_unseen_classes():
-    bundle, arch = _tiny(3)
-    model = MixtureOfExperts(architecture=arch, num_experts=2)
-    strategy = _strategy(model, epochs=1)
-    strategy.train(bundle.benchmark.train_stream[0])
-    model.eval()
-    pred = model(torch.randn(32, *bundle.input_shape)).argmax(-1)
-    assert set(pred.tolist()) <= set(bundle.classes_per_experience[0])
-
-
-def test_regularisers_compose_with_avalanche_naive_and_replay():
-    torch.manual_seed(4)
-    bundle, arch = _tiny(2)
-    model = MixtureOfExperts(architecture=arch, num_experts=2, gate="softmax")
-    strategy = Naive(
-        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
-        criterion=torch.nn.NLLLoss(), train_mb_size=32, train_epochs=2, eval_mb_size=128,
-        plugins=[ImportanceRegularizer(weight=0.5), SampleSimilarityRegularizer(beta_s=1e-3,
-                 beta_d=1e-2), ReplayPlugin(mem_size=64)],
-        evaluator=quiet_evaluator(),
-    )
-    for exp in bundle.benchmark.train_stream:
-        strategy.train(exp)
-    results = strategy.eval(bundle.benchmark.test_stream)
-    assert any(k.startswith("Routing_MI/") for k in results)
-
-
-def test_regulariser_adds_its_term_to_the_loss():
-    class Capture(SupervisedPlugin):
-        def __init__(self):
-            super().__init__()
-            self.losses = []
-
-        def after_backward(self, strategy, **kwargs):
-            self.losses.append(float(strategy.loss))
-
-    bundle, arch = _tiny(2)
-    losses = []
-    for weight in (0.0, 100.0):
-        torch.manual_seed(5)
-        model = MixtureOfExperts(architecture=arch, num_experts=3, gate="softmax")
-        capture = Capture()
-        strategy = _strategy(model, epochs=1, plugins=[ImportanceRegularizer(weight=weight),
-                                                        capture])
-        strategy.train(bundle.benchmark.train_stream[0])
-        losses.append(capture.losses[0])
-    assert losses[1] > losses[0]
-
-
-def test_regularisers_use_the_training_forward_even_if_the_model_runs_again():
-    """LwF runs the model once more in its before_backward (other routing): L_s must still
-    regularise the gate of the training forward pass."""
-    from moe_cl.core.losses import pairwise_distances, sample_similarity_loss
-
-    class RunsModelAgain(SupervisedPlugin):  # placed before L_s, as a user may place LwF
-        def after_forward(self, strategy, **kwargs):
-            self.gate = strategy.model.last_output.gate.detach().clone()
-
-        def before_backward(self, strategy, **kwargs):
-            self.loss = float(strategy.loss)
-            strategy.model(torch.randn_like(strategy.mb_x), strategy.mb_task_id)
-
-    class LossAfter(SupervisedPlugin):
-        def before_backward(self, strategy, **kwargs):
-            self.loss = float(strategy.loss)
-            self.x = strategy.mb_x.detach().clone()
-
-    torch.manual_seed(5)
-    bundle, arch = _tiny(2)
-    model = MixtureOfExperts(architecture=arch, num_experts=3, gate="softmax")
-    again, after = RunsModelAgain(), LossAfter()
-    ls = SampleSimilarityRegularizer(beta_s=0.5, beta_d=2.0)
-    strategy = _strategy(model, epochs=1, plugins=[again, ls, after], train_mb_size=512)
-    strategy.train(bundle.benchmark.train_stream[0])  # one mini-batch: the whole experience
-    expected = sample_similarity_loss(again.gate, pairwise_distances(after.x), beta_s=0.5,
-                                      beta_d=2.0)
-    assert abs(float(expected)) > 1e-3
-    assert after.loss - again.loss == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+from tests.helpers import moe_strategy, tiny
 
 
 def test_online_ewc_follows_a_growing_attentive_mixture_and_refuses_a_softmax_one():
@@ -251,10 +16,10 @@ def test_online_ewc_follows_a_growing_attentive_mixture_and_refuses_a_softmax_on
     from avalanche.training.plugins import EWCPlugin
 
     torch.manual_seed(2)
-    bundle, arch = _tiny(3)
+    bundle, arch = tiny(3)
     model = MixtureOfExperts(architecture=arch, num_experts=2, policy=ExpertPolicy("grow"))
     ewc = EWCPlugin(1.0, mode="online", decay_factor=0.5)
-    strategy = _strategy(model, epochs=1, plugins=[ewc])
+    strategy = moe_strategy(model, epochs=1, plugins=[ewc])
     for exp in bundle.benchmark.train_stream:
         strategy.train(exp)
     assert model.num_experts == 4
@@ -262,36 +27,16 @@ def test_online_ewc_follows_a_growing_attentive_mixture_and_refuses_a_softmax_on
     softmax = MixtureOfExperts(architecture=arch, num_experts=2, gate="softmax",
                                policy=ExpertPolicy("grow"))
     with pytest.raises(ValueError, match="online"):
-        _strategy(softmax, plugins=[EWCPlugin(1.0, mode="online", decay_factor=0.5)])
-    _strategy(softmax, plugins=[EWCPlugin(1.0)])  # separate mode pairs by name: fine
-
-
-def test_plugins_need_a_mixture():
-    bundle, arch = _tiny(2)
-    model = SingleExpertModel(architecture=arch)
-    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     criterion=torch.nn.NLLLoss(), train_mb_size=32,
-                     plugins=[ImportanceRegularizer(weight=1.0)], evaluator=quiet_evaluator(False))
-    with pytest.raises(TypeError, match="MixtureOfExperts"):
-        strategy.train(bundle.benchmark.train_stream[0])
-
-
-def test_nan_loss_stops_with_experience_and_iteration():
-    bundle, arch = _tiny(2)
-    model = MixtureOfExperts(architecture=arch, num_experts=2)
-    with torch.no_grad():
-        model.core.bank.groups[0].layers[1].weight.fill_(float("nan"))
-    strategy = _strategy(model, epochs=1, plugins=[NonFiniteLossGuard()])
-    with pytest.raises(NonFiniteLossError, match="experience 0, epoch 0, iteration 0"):
-        strategy.train(bundle.benchmark.train_stream[0])
+        moe_strategy(softmax, plugins=[EWCPlugin(1.0, mode="online", decay_factor=0.5)])
+    moe_strategy(softmax, plugins=[EWCPlugin(1.0)])  # separate mode pairs by name: fine
 
 
 def test_stochastic_output_and_top_k_evaluation():
     torch.manual_seed(6)
-    bundle, arch = _tiny(2)
+    bundle, arch = tiny(2)
     model = MixtureOfExperts(architecture=arch, num_experts=3, gate="softmax",
                              output="stochastic")
-    strategy = _strategy(model, epochs=6, eval_top_k=1)
+    strategy = moe_strategy(model, epochs=6, eval_top_k=1)
     strategy.train(bundle.benchmark.train_stream[0])
     results = strategy.eval(bundle.benchmark.test_stream[:1])
     acc = [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0]
@@ -299,19 +44,8 @@ def test_stochastic_output_and_top_k_evaluation():
     assert model.last_output.expert_log_probs is None  # the top-k path ran
 
 
-def test_single_expert_model_runs_under_avalanche_baselines():
-    bundle, arch = _tiny(2)
-    model = SingleExpertModel(architecture=arch)
-    strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
-                     criterion=torch.nn.NLLLoss(), train_mb_size=32, train_epochs=3,
-                     evaluator=quiet_evaluator(False))
-    strategy.train(bundle.benchmark.train_stream[0])
-    results = strategy.eval(bundle.benchmark.test_stream[:1])
-    assert [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0] > 0.8
-
-
 def test_moe_strategy_refuses_other_models():
-    bundle, arch = _tiny(2)
+    bundle, arch = tiny(2)
     model = SingleExpertModel(architecture=arch)
     with pytest.raises(TypeError, match="MixtureOfExperts"):
         MoEStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
@@ -333,13 +67,13 @@ class _SampleCounter(SupervisedPlugin):
 
 def test_fast_data_path_matches_the_standard_loader():
     epochs = 3
-    bundle, arch = _tiny(2)
+    bundle, arch = tiny(2)
     outcomes = {}
     for fast in (True, False):
         torch.manual_seed(8)
         model = MixtureOfExperts(architecture=arch, num_experts=2)
         counter = _SampleCounter()
-        strategy = _strategy(model, epochs=epochs, plugins=[counter], fast_data=fast)
+        strategy = moe_strategy(model, epochs=epochs, plugins=[counter], fast_data=fast)
         strategy.train(bundle.benchmark.train_stream[0])
         results = strategy.eval(bundle.benchmark.test_stream[:1])
         accuracy = [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0]
@@ -351,47 +85,6 @@ def test_fast_data_path_matches_the_standard_loader():
         outcomes[fast] = accuracy
     assert outcomes[True] > 0.9 and outcomes[False] > 0.9
     assert abs(outcomes[True] - outcomes[False]) < 0.1
-
-
-def test_plain_state_dict_round_trip_restores_a_grown_model():
-    """A fresh model loads a grown one's state_dict (no helper needed) and trains on alike."""
-    torch.manual_seed(3)
-    bundle, arch = _tiny(3, scenario="task")
-    policy = ExpertPolicy("grow", per_experience=1, freeze_old=True)
-
-    def build():
-        return MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
-
-    model = build()
-    strategy = _strategy(model, epochs=1)
-    for exp in bundle.benchmark.train_stream[:2]:
-        strategy.train(exp)
-    fresh = build()
-    fresh.load_state_dict(model.state_dict())
-    assert fresh.group_sizes == model.group_sizes and len(model.group_sizes) == 2
-    assert [g.frozen for g in fresh.core.bank.groups] == [True, False]
-    assert fresh.expert_tasks == model.expert_tasks and torch.equal(fresh.seen, model.seen)
-    x, tasks = torch.randn(6, *bundle.input_shape), torch.tensor([0, 1, 0, 1, 1, 0])
-    model.eval(), fresh.eval()
-    assert torch.equal(model(x, tasks), fresh(x, tasks))
-    # Checkpoints written before: the structure beside the state_dict, not inside it.
-    old_format = {"state_dict": {k: v for k, v in model.state_dict().items()
-                                 if k != "_extra_state"},
-                  "extra": {**model.get_extra_state(), "seen_shape": list(model.seen.shape)}}
-    from_old = build()
-    load_model_state(from_old, old_format)
-    assert from_old.group_sizes == model.group_sizes and torch.equal(from_old.seen, model.seen)
-    assert torch.equal(model(x, tasks), from_old.eval()(x, tasks))
-    for m in (model, fresh):  # the next experience grows both alike
-        torch.manual_seed(9)
-        _strategy(m, epochs=1).train(bundle.benchmark.train_stream[2])
-    assert fresh.group_sizes == model.group_sizes and len(model.group_sizes) == 3
-    assert fresh.growth_log == model.growth_log and fresh.expert_tasks == model.expert_tasks
-    model.eval(), fresh.eval()
-    assert torch.equal(model(x, tasks), fresh(x, tasks))
-    with pytest.raises(ValueError, match="cannot grow expert groups"):
-        MixtureOfExperts(architecture=arch, num_experts=3, scenario="task",
-                         policy=policy).load_state_dict(model.state_dict())
 
 
 def test_random_train_transforms_are_drawn_anew_every_epoch_with_fast_data():
@@ -419,85 +112,16 @@ def test_random_train_transforms_are_drawn_anew_every_epoch_with_fast_data():
                       train_transform=lambda t: t + torch.randn_like(t))
     model = MixtureOfExperts(architecture=mlp_architecture((1, 4, 4), 4), num_experts=2)
     inputs = EpochInputs()
-    strategy = _strategy(model, epochs=2, plugins=[inputs], fast_data=True)
+    strategy = moe_strategy(model, epochs=2, plugins=[inputs], fast_data=True)
     strategy.train(bm.train_stream[0])
     first, second = (sorted(epoch) for epoch in inputs.epochs)
     assert len(first) == len(second) == 120
     assert not torch.allclose(torch.tensor(first), torch.tensor(second))  # fresh noise
     # Without transforms the fast path holds the tensors: epochs see the same samples.
-    bundle, arch = _tiny(1)
+    bundle, arch = tiny(1)
     inputs = EpochInputs()
     plain = MixtureOfExperts(architecture=arch, num_experts=2)
-    strategy = _strategy(plain, epochs=2, plugins=[inputs], fast_data=True)
+    strategy = moe_strategy(plain, epochs=2, plugins=[inputs], fast_data=True)
     strategy.train(bundle.benchmark.train_stream[0])
     first, second = (sorted(epoch) for epoch in inputs.epochs)
     assert torch.allclose(torch.tensor(first), torch.tensor(second))
-
-
-@pytest.mark.parametrize("scenario", ["class", "task"])
-def test_avalanche_lwf_runs_on_both_models(scenario):
-    """LwF asks a multi-task module for every task's output with task_labels=None."""
-    from avalanche.training import LwF
-
-    bundle, arch = _tiny(2, scenario=scenario)
-    for model in (SingleExpertModel(architecture=arch, scenario=scenario),
-                  MixtureOfExperts(architecture=arch, num_experts=2, scenario=scenario)):
-        strategy = LwF(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
-                       criterion=torch.nn.NLLLoss(), alpha=1.0, temperature=2.0,
-                       train_mb_size=32, train_epochs=1, evaluator=quiet_evaluator(False))
-        for exp in bundle.benchmark.train_stream:
-            strategy.train(exp)
-        outputs = model(torch.randn(3, *bundle.input_shape), None)
-        assert isinstance(outputs, dict) and all(v.shape == (3, 4) for v in outputs.values())
-
-
-def test_copy_init_starts_new_experts_as_the_busiest_ones():
-    torch.manual_seed(7)
-    bundle, arch = _tiny(2)
-    model = MixtureOfExperts(architecture=arch, gate="attentive", num_experts=3,
-                             policy=ExpertPolicy("grow", per_experience=2, init="copy"))
-    _strategy(model, epochs=2).train(bundle.benchmark.train_stream[0])
-    second = bundle.benchmark.train_stream[1]
-    model.eval()
-    probe = torch.stack([second.dataset[i][0] for i in range(len(second.dataset))][:256])
-    expected = model.core(probe).gate.sum(0).argsort(descending=True)[:2].tolist()
-    busiest = model.busiest_experts(second, 2)
-    assert busiest == expected
-    x = torch.randn(8, *bundle.input_shape)
-    model.train()
-    model.adaptation(second)  # what Avalanche calls before training the experience
-    assert model.growth_log[-1]["copied_from"] == busiest and busiest[0] != busiest[1]
-    model.eval()
-    out = model.core(x)
-    for new, source in zip((3, 4), busiest, strict=True):
-        torch.testing.assert_close(out.expert_log_probs[:, new], out.expert_log_probs[:, source])
-        torch.testing.assert_close(out.gate[:, new], out.gate[:, source])
-
-
-def test_route_by_task_keeps_each_task_on_its_own_experts():
-    torch.manual_seed(8)
-    bundle, arch = _tiny(3, scenario="task")
-    policy = ExpertPolicy("grow", per_experience=1, freeze_old=True, init="copy",
-                          route_by_task=True)
-    model = MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
-    strategy = _strategy(model, epochs=6)
-    for exp in bundle.benchmark.train_stream:
-        strategy.train(exp)
-    assert model.expert_tasks == [0, 0, 1, 2]
-    results = strategy.eval(bundle.benchmark.test_stream)
-    assert [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0] > 0.9
-    model.eval()
-    x = torch.randn(6, *bundle.input_shape)
-    tasks = torch.tensor([0, 1, 2, 0, 1, 2])
-    model(x, tasks)
-    gate = model.last_output.gate
-    owned = torch.tensor(model.expert_tasks)[None, :] == tasks[:, None]
-    assert torch.all(gate[~owned] == 0) and torch.allclose(gate.sum(-1), torch.ones(6))
-    # The routing survives a checkpoint (old checkpoints without it: every expert on task 0).
-    clone = MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
-    clone.set_extra_state(model.get_extra_state())
-    assert clone.expert_tasks == [0, 0, 1, 2]
-    state = {k: v for k, v in model.get_extra_state().items() if k != "expert_tasks"}
-    clone = MixtureOfExperts(architecture=arch, num_experts=2, scenario="task", policy=policy)
-    clone.set_extra_state(state)
-    assert clone.expert_tasks == [0, 0, 0, 0]

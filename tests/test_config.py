@@ -1,0 +1,39 @@
+"""The configuration takes its choices from the modules that implement them, and its experts
+section is the models' ExpertPolicy; saved run configurations still load."""
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from moe_cl import config
+from moe_cl.benchmarks import BENCHMARK_NAMES
+from moe_cl.core import choices, zoo
+from moe_cl.methods import METHODS
+from moe_cl.model_options import EXPERT_INITS, POLICIES, SCENARIOS, ExpertPolicy
+
+
+def test_choices_come_from_their_owners():
+    owners = {"data.stream": BENCHMARK_NAMES, "scenario": SCENARIOS, "model.gate": choices.GATES,
+              "model.output": choices.OUTPUTS, "experts.policy": POLICIES,
+              "experts.init": EXPERT_INITS, "regularizer.ls.scaling": choices.SCALINGS}
+    for key, owned in owners.items():
+        assert config.CHOICES[key] is owned, key
+    assert list(config.CHOICES["method"]) == list(METHODS)
+    assert config.CHOICES["model.architecture"] == ("auto", *choices.PAPER_ARCHITECTURES, "mlp")
+    assert tuple(zoo.ARCHITECTURES) == choices.PAPER_ARCHITECTURES
+
+
+def test_the_experts_section_is_the_expert_policy():
+    cfg = config.compose(["benchmark=tiny", "strategy=attentive", "experts.init=copy"])
+    policy = ExpertPolicy(**cfg.experts)
+    assert policy == ExpertPolicy("grow", per_experience=1, init="copy")
+    assert OmegaConf.structured(config.RunConfig).experts == OmegaConf.structured(ExpertPolicy)
+
+
+def test_saved_run_configurations_still_load():
+    saved = sorted(Path(__file__).resolve().parents[1].glob("results/*/*/*/seed-0/config.yaml"))
+    assert saved
+    for path in saved:
+        cfg = config.load_saved(path)
+        assert ExpertPolicy(**cfg.experts).policy in POLICIES
+        assert OmegaConf.merge(cfg, OmegaConf.load(path)) == cfg  # every saved value kept
