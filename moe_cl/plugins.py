@@ -1,4 +1,5 @@
-"""Avalanche plugins: the paper's routing regularisers and a guard against NaN losses.
+"""Avalanche plugins: the paper's routing regularisers, a guard against NaN losses and the
+reference code's measure of the training error.
 
 The regularisers keep the routing of the training forward pass (``model.last_output``, read
 in ``after_forward``) and add their term to ``strategy.loss`` before the backward pass, so they
@@ -10,10 +11,12 @@ a multi-task model once more, with other routing, in its own ``before_backward``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import torch
 from avalanche.core import SupervisedPlugin
-from torch import Tensor
+from torch import Tensor, nn
 
 from moe_cl.core.losses import Scaling, importance_loss, pairwise_distances, sample_similarity_loss
 from moe_cl.models import routing_output
@@ -104,3 +107,75 @@ class NonFiniteLossGuard(SupervisedPlugin):
                 f", epoch {strategy.clock.train_exp_epochs}, iteration "
                 f"{strategy.clock.train_epoch_iterations}"
             )
+
+
+class ReferenceTrainError(SupervisedPlugin):
+    """The training error as the paper's reference code measures it: after each optimiser step,
+    a second forward of the same (augmented) mini-batch without gradients; the errors averaged
+    over the epoch's mini-batches, weighted by their sizes. ``last_epoch_error`` holds the
+    last finished epoch's value (None before one).
+
+    The second forward runs in train mode, as the spec's "second, no-grad forward" (the
+    reference never switches to eval mode for it): BatchNorm normalises with the batch's own
+    statistics and a stochastic output draws its expert. It changes nothing else: BatchNorm
+    running statistics, the random number streams and the model's routing slot are put back,
+    and the strategy's output, loss and metrics are not touched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_epoch_error: float | None = None
+        self._wrong: Tensor | int = 0  # on the device: no synchronisation per step
+        self._seen = 0
+
+    def before_training_epoch(self, strategy, **kwargs) -> None:
+        self._wrong, self._seen = 0, 0
+
+    def after_update(self, strategy, **kwargs) -> None:
+        with torch.no_grad(), _measurement_only(strategy.model, strategy.mb_x.device):
+            output = strategy.forward()
+        self._wrong = self._wrong + (output.argmax(-1) != strategy.mb_y).sum()
+        self._seen += len(strategy.mb_y)
+
+    def after_training_epoch(self, strategy, **kwargs) -> None:
+        if self._seen:
+            self.last_epoch_error = float(self._wrong) / self._seen
+
+
+_NO_SLOT = object()  # a model without a routing slot
+
+
+@contextmanager
+def _measurement_only(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Whatever a forward pass of ``model`` in train mode changes besides its output, restored
+    on exit: running statistics of normalisation layers, the torch random streams (CPU and
+    ``device``) and the routing slot of a mixture."""
+    tracking = [buffer for module in model.modules()
+                if module.training and getattr(module, "track_running_stats", False)
+                for buffer in module.buffers(recurse=False)]
+    saved = [buffer.clone() for buffer in tracking]
+    routing = getattr(model, "last_output", _NO_SLOT)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        for buffer, value in zip(tracking, saved, strict=True):
+            buffer.copy_(value)
+        if routing is not _NO_SLOT:
+            model.last_output = routing
+
+
+def training_plugins(*, reference_train_error: bool) -> list[SupervisedPlugin]:
+    """The plugins every training strategy of a run carries: the NaN-loss guard, and the
+    reference's train error when asked for (it costs a forward per step)."""
+    plugins: list[SupervisedPlugin] = [NonFiniteLossGuard()]
+    if reference_train_error:
+        plugins.append(ReferenceTrainError())
+    return plugins
+
+
+def reference_train_error(strategy) -> float | None:
+    """The last epoch's reference train error measured in ``strategy``; None without the
+    measurement."""
+    measured = [p for p in strategy.plugins if isinstance(p, ReferenceTrainError)]
+    return measured[-1].last_epoch_error if measured else None
