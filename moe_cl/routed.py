@@ -74,8 +74,10 @@ class RoutedMixture(MixtureOfExperts):
         self.reuse_teacher: nn.Module | None = None  # its frozen copy, for the distillation
         self._experience: int | None = None  # the experience being trained
         self._routes: ExperienceRoutes | None = None
-        # expert_experiences[i]: the experiences expert i serves.
+        # expert_experiences[i]: the experiences expert i serves; expert_support[i]: the classes
+        # its softmax was trained over (every class seen by the end of its last experience).
         self.expert_experiences: list[list[int]] = [[] for _ in range(self.num_experts)]
+        self.expert_support: list[list[int]] = [[] for _ in range(self.num_experts)]
         # class_experience[k]: the experience class k arrived with (-1: not yet).
         self.register_buffer("class_experience",
                              torch.full((self.num_classes,), -1, dtype=torch.long))
@@ -157,6 +159,11 @@ class RoutedMixture(MixtureOfExperts):
                 self._reuse(experience)
             else:
                 self._grow(experience)
+        seen = (self.class_experience >= 0).nonzero().flatten().tolist()
+        self.expert_support += [[] for _ in range(self.num_experts - len(self.expert_support))]
+        for expert, served in enumerate(self.expert_experiences):
+            if step in served:
+                self.expert_support[expert] = seen
         self._trained_experiences.append(step)
         self._routes = None
 
@@ -248,8 +255,12 @@ class RoutedMixture(MixtureOfExperts):
         if self._routes is None or self._routes.classes.device != self.class_experience.device:
             steps = max((max(served) for served in self.expert_experiences if served),
                         default=0) + 1
+            support = torch.zeros(self.num_experts, self.num_classes, dtype=torch.bool,
+                                  device=self.class_experience.device)
+            for expert, classes in enumerate(self.expert_support):
+                support[expert, classes] = True
             self._routes = ExperienceRoutes.build(self.expert_experiences,
-                                                  self.class_experience, steps)
+                                                  self.class_experience, steps, support)
         return self._routes
 
     def predict(self, x: Tensor, class_mask: Tensor | None,
@@ -261,10 +272,12 @@ class RoutedMixture(MixtureOfExperts):
         return self.last_output.log_probs
 
     def _train_forward(self, x: Tensor) -> MoEOutput:
-        """Training on experience t: its experts alone, over its classes alone (and, while a
-        group is reused, the distillation of its hidden features as the auxiliary loss)."""
+        """Training on experience t: its experts alone, their softmax over every class seen so
+        far (samples of older classes reach them only from a replay buffer, and teach them to
+        leave such samples to older experts); while a group is reused, the distillation of its
+        hidden features is the auxiliary loss."""
         step = self._experience
-        classes = self.class_experience == step
+        classes = (self.class_experience >= 0) & (self.class_experience <= step)
         experts = torch.tensor([step in served for served in self.expert_experiences],
                                device=x.device)
         out = self.core(x, classes, experts.expand(len(x), -1))
@@ -291,11 +304,13 @@ class RoutedMixture(MixtureOfExperts):
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "expert_experiences": self.expert_experiences,
-                "gate_frozen": self.gate_frozen, "reused_group": self.reused_group}
+                "expert_support": self.expert_support, "gate_frozen": self.gate_frozen,
+                "reused_group": self.reused_group}
 
     def set_extra_state(self, state: dict) -> None:
         super().set_extra_state(state)
         self.expert_experiences = [list(e) for e in state["expert_experiences"]]
+        self.expert_support = [list(c) for c in state["expert_support"]]
         if state["gate_frozen"] and not self.gate_frozen:
             self._freeze_all()
         if state["reused_group"] is not None:

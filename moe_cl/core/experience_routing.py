@@ -13,9 +13,12 @@ gate's softmax runs only over the experts of one experience at a time:
     combine "product":  p(y | x) ∝ p(y | x) p_mix(y | x, t(y))^w
 
 where r runs over the routes of experience t (its experts), g(. | t) is the gate's softmax over
-them, f_r is expert r's class distribution over C_t (the experience's classes) and p(y | x) is
-the router's class posterior. The reported gate of expert i is sum_r p_final(t_r | x) g_r(x | t_r)
-over its routes: it sums to one over the experts and is what routing metrics describe.
+them, f_r is expert r's class distribution and p(y | x) is the router's class posterior. An
+expert's softmax runs over the classes it was trained on (``support``: its experience's, or every
+class seen by then when a replay buffer showed it older ones), and only its experience's classes
+are read from it, so an expert that learnt to leave old classes' samples alone says so.
+The reported gate of expert i is sum_r p_final(t_r | x) g_r(x | t_r) over its routes: it sums to
+one over the experts and is what routing metrics describe.
 """
 
 from __future__ import annotations
@@ -35,16 +38,18 @@ class ExperienceRoutes:
 
     Route r pairs experience ``experience[r]`` with expert ``expert[r]``; an expert reused by a
     later experience has one route per experience it serves. ``classes`` [T, K] is True where
-    class k belongs to experience t.
+    class k belongs to experience t; ``support`` [M, K] where expert i's softmax covers class k
+    (None: the classes of the experiences it serves).
     """
 
     experience: Tensor
     expert: Tensor
     classes: Tensor
+    support: Tensor | None = None
 
     @classmethod
     def build(cls, expert_experiences: Sequence[Sequence[int]], class_experience: Tensor,
-              num_experiences: int) -> ExperienceRoutes:
+              num_experiences: int, support: Tensor | None = None) -> ExperienceRoutes:
         """From the experiences each expert serves and the experience of each class (-1 for a
         class not seen yet)."""
         pairs = [(t, i) for i, served in enumerate(expert_experiences) for t in served]
@@ -52,7 +57,7 @@ class ExperienceRoutes:
         experience = torch.tensor([t for t, _ in pairs], dtype=torch.long, device=device)
         expert = torch.tensor([i for _, i in pairs], dtype=torch.long, device=device)
         steps = torch.arange(num_experiences, device=device)
-        return cls(experience, expert, class_experience[None, :] == steps[:, None])
+        return cls(experience, expert, class_experience[None, :] == steps[:, None], support)
 
     @property
     def num_experiences(self) -> int:
@@ -97,15 +102,17 @@ def mix_by_experience(scores: Tensor, expert_logits: Tensor, routes: ExperienceR
     per_experience = route_scores[:, None, :].masked_fill(~member[None], neg_inf)
     log_gate = route_scores - per_experience.logsumexp(-1)[:, routes.experience]  # [B, R]
     route_classes = routes.classes[routes.experience]  # [R, K]
+    support = route_classes if routes.support is None else routes.support[routes.expert]
     route_log_probs = expert_logits[:, routes.expert].masked_fill(
-        ~route_classes[None], neg_inf).log_softmax(-1)  # [B, R, K]
+        ~support[None], neg_inf).log_softmax(-1).masked_fill(~route_classes[None], neg_inf)
     within = (log_gate[..., None] + route_log_probs).logsumexp(1)  # log p_mix(y | x, t(y))
     class_log_posterior = class_log_posterior.log_softmax(-1)
     if combine == "task":
         log_probs = _experience_log_probs(class_log_posterior, routes.classes)[
             :, _class_experience(routes.classes)] + within
     else:
-        log_probs = _nan_to(class_log_posterior + expert_weight * within, neg_inf).log_softmax(-1)
+        log_probs = _nan_to(class_log_posterior + expert_weight * within, neg_inf)
+    log_probs = log_probs.log_softmax(-1)  # experts with a wider support leave some mass out
     final_experience = _experience_log_probs(log_probs, routes.classes)  # [B, T]
     route_gate = (final_experience[:, routes.experience] + log_gate).exp()  # [B, R]
     gate = scores.new_zeros(scores.shape).index_add_(1, routes.expert, route_gate)

@@ -98,3 +98,16 @@ def test_a_given_task_keeps_the_prediction_inside_it():
 def test_unknown_combination_is_refused():
     with pytest.raises(ValueError, match="combine"):
         mix_by_experience(*_inputs()[:2], _routes(), _inputs()[2], combine="sum")
+
+
+def test_an_expert_with_a_wider_support_lowers_its_experience_where_it_expects_old_classes():
+    scores, logits, posterior = _inputs(5)
+    routes = _routes()
+    support = routes.expert_classes(3).clone()
+    narrow = mix_by_experience(scores, logits, routes, posterior, combine="task")
+    support[2, :4] = True  # expert 2 (experience 1's only expert) trained over classes 0-3
+    logits[:, 2, :2] = 20.0  # ... and sure these samples belong to the old classes 0, 1
+    wide_routes = ExperienceRoutes(routes.experience, routes.expert, routes.classes, support)
+    wide = mix_by_experience(scores, logits, wide_routes, posterior, combine="task")
+    assert (wide.log_probs[:, 2:4].exp().sum(-1) < narrow.log_probs[:, 2:4].exp().sum(-1)).all()
+    assert torch.allclose(wide.log_probs.exp().sum(-1), torch.ones(3), atol=1e-6)
