@@ -67,6 +67,9 @@ class TrainConfig:
     weight_decay: Any = "auto"
     fast_data: bool = True
     checkpoint_every_epochs: int = 0
+    # A measurement, not a setting: the train error as the paper's reference code measures it
+    # (a second no-grad forward after each optimiser step), results.json's train_error_reference.
+    reference_train_error: bool = False
 
 
 @dataclass

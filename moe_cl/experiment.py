@@ -42,7 +42,7 @@ from moe_cl.environment import package_versions
 from moe_cl.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
 from moe_cl.methods import METHODS, Method
 from moe_cl.models import MixtureOfExperts
-from moe_cl.plugins import NonFiniteLossGuard
+from moe_cl.plugins import reference_train_error, training_plugins
 from moe_cl.results import average_accuracy, average_forgetting, summary_table, write_figures
 from moe_cl.run_folder import (
     CHECKPOINT,
@@ -151,10 +151,12 @@ def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool) -> 
 
 def build_strategy(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    evaluator: EvaluationPlugin, bundle: BenchmarkBundle, device: torch.device):
-    """The method's strategy, every method's with the NaN-loss guard."""
+    """The method's strategy, every method's with the NaN-loss guard (and the reference's
+    train error when train.reference_train_error is set)."""
     common = dict(model=model, optimizer=optimizer, train_mb_size=cfg.train.batch_size,
                   train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size,
-                  device=device, plugins=[NonFiniteLossGuard()], evaluator=evaluator)
+                  device=device, evaluator=evaluator,
+                  plugins=training_plugins(reference_train_error=cfg.train.reference_train_error))
     return METHODS[cfg.method].build_strategy(cfg, common, bundle)
 
 
@@ -170,6 +172,7 @@ class Progress:
     task_aware_matrix: list = field(default_factory=list)
     routing_history: list = field(default_factory=list)
     train_errors: list = field(default_factory=list)
+    reference_train_errors: list = field(default_factory=list)
     wall_time_s: float = 0.0
     epochs_done: int = 0  # inside experience ``completed`` (epoch checkpoints)
 
@@ -339,7 +342,9 @@ def distill(run: Run, experience) -> MoEStrategy:
                                                                       lr=cfg.train.lr),
                            train_mb_size=cfg.train.batch_size, train_epochs=cfg.distill.epochs,
                            eval_mb_size=cfg.train.eval_batch_size, device=run.device,
-                           plugins=[NonFiniteLossGuard()], evaluator=run.evaluator,
+                           plugins=training_plugins(
+                               reference_train_error=cfg.train.reference_train_error),
+                           evaluator=run.evaluator,
                            batch_augment=run.bundle.batch_augment, fast_data=cfg.train.fast_data,
                            eval_top_k=cfg.eval.top_k)
     strategy.train(experience, eval_streams=[])
@@ -357,6 +362,7 @@ def _evaluate(run: Run, evaluating: SupervisedTemplate) -> None:
                if isinstance(m, RoutingMetrics)]
     progress.routing_history.append(routing[-1] if routing else {})
     progress.train_errors.append(_train_error(train_metrics))
+    progress.reference_train_errors.append(reference_train_error(evaluating))
 
 
 def _write(run: Run, evaluated: torch.nn.Module, echo) -> dict:
@@ -476,6 +482,9 @@ def _results(run: Run, model: torch.nn.Module, *, complete: bool, n_train: int) 
         "task_aware_accuracy_matrix": task_aware,
         "task_aware_average_accuracy": average_accuracy(task_aware) if task_aware else None,
         "train_error": progress.train_errors[-1] if progress.train_errors else None,
+        # after each optimiser step, as the reference code measures it (train.reference_train_error)
+        "train_error_reference": (progress.reference_train_errors[-1]
+                                  if progress.reference_train_errors else None),
         "test_error": routing.get("error", 1.0 - average_accuracy(matrix)) if matrix else None,
         "top5_error": routing.get("top5_error"),
         # a routed mixture: its router's own error, and the bytes of what it keeps instead of
