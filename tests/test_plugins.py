@@ -212,3 +212,26 @@ def test_reference_train_error_changes_nothing_else():
         model(torch.randn(8, 1, 28, 28))
     assert not torch.equal(running, model.core.gate.network[1].running_mean)
     assert not torch.equal(state, torch.get_rng_state())
+
+
+def test_a_run_with_the_reference_train_error_differs_only_by_that_field(tmp_path):
+    """Tiny benchmark, three experiences, stochastic output and a distilled gate: results.json
+    with train.reference_train_error=true equals the run without it but for the new field."""
+    from moe_cl.config import compose
+    from moe_cl.experiment import run_experiment
+
+    results = {}
+    for measured in (False, True):
+        cfg = compose(["benchmark=tiny", "strategy=distilled", "model.output=stochastic",
+                       "train.epochs=2", "distill.epochs=1", "logging.interactive=false",
+                       "logging.tensorboard=false", "logging.figures=false",
+                       f"train.reference_train_error={str(measured).lower()}"])
+        results[measured] = run_experiment(cfg, tmp_path / str(measured), echo=lambda _: None)
+    on, off = results[True], results[False]
+    assert off["train_error_reference"] is None
+    assert 0 <= on.pop("train_error_reference") <= 1
+    off.pop("train_error_reference")
+    for result in (on, off):
+        result.pop("wall_time_s")
+        assert result["config"]["train"].pop("reference_train_error") is (result is on)
+    assert on == off
