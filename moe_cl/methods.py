@@ -35,22 +35,23 @@ StrategyBuilder = Callable[["DictConfig", dict[str, Any], "BenchmarkBundle"], An
 ModelBuilder = Callable[["DictConfig", "Architecture"], "nn.Module"]
 
 
+def _mixture_arguments(cfg: DictConfig, architecture: Architecture) -> dict[str, Any]:
+    return dict(architecture=architecture, gate=cfg.model.gate,
+                num_experts=cfg.model.num_experts, output=cfg.model.output,
+                policy=ExpertPolicy(**cfg.experts), scenario=cfg.scenario)
+
+
 def mixture_model(cfg: DictConfig, architecture: Architecture) -> nn.Module:
-    from moe_cl.model_options import ExpertPolicy
     from moe_cl.models import MixtureOfExperts
 
-    return MixtureOfExperts(architecture=architecture, gate=cfg.model.gate,
-                            num_experts=cfg.model.num_experts, output=cfg.model.output,
-                            policy=ExpertPolicy(**cfg.experts), scenario=cfg.scenario)
+    return MixtureOfExperts(**_mixture_arguments(cfg, architecture))
 
 
 def routed_mixture_model(cfg: DictConfig, architecture: Architecture) -> nn.Module:
-    from moe_cl.model_options import ExpertPolicy, RouterOptions
+    from moe_cl.model_options import RouterOptions
     from moe_cl.routed import RoutedMixture
 
-    return RoutedMixture(architecture=architecture, gate=cfg.model.gate,
-                         num_experts=cfg.model.num_experts, output=cfg.model.output,
-                         policy=ExpertPolicy(**cfg.experts), scenario=cfg.scenario,
+    return RoutedMixture(**_mixture_arguments(cfg, architecture),
                          router=RouterOptions(**cfg.router))
 
 

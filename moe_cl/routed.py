@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Any
 
 import torch
 from avalanche.benchmarks.scenarios import CLExperience
@@ -33,9 +34,8 @@ from torch import Tensor, nn
 from moe_cl.core.experience_routing import ExperienceRoutes, mix_by_experience
 from moe_cl.core.mixture import MoEOutput
 from moe_cl.core.router import ClassStatistics, PixelFeatures, RandomConvFeatures
-from moe_cl.core.zoo import Architecture
 from moe_cl.data import dataset_tensors
-from moe_cl.model_options import ExpertPolicy, RouterOptions, Scenario
+from moe_cl.model_options import ExpertPolicy, RouterOptions
 from moe_cl.models import MixtureOfExperts, first_samples, routing_output
 
 
@@ -48,23 +48,15 @@ class RoutedMixture(MixtureOfExperts):
     ``router``: the feature space and how its posterior combines with the experts.
     """
 
-    def __init__(
-        self,
-        *,
-        architecture: str | Architecture,
-        gate: str = "attentive",
-        num_experts: int | None = None,
-        output: str = "expectation",
-        policy: ExpertPolicy | None = None,
-        scenario: Scenario = "class",
-        router: RouterOptions | None = None,
-    ) -> None:
+    def __init__(self, *, policy: ExpertPolicy | None = None,
+                 router: RouterOptions | None = None, **mixture: Any) -> None:
+        """``mixture``: the keyword arguments of :class:`~moe_cl.models.MixtureOfExperts`
+        (architecture, gate, num_experts, output, scenario)."""
         policy = policy or ExpertPolicy("grow")
         if policy.policy != "grow":
             raise ValueError("a routed mixture adds (or reuses) experts for every experience: "
                              f"experts.policy must be grow, got {policy.policy}")
-        super().__init__(architecture=architecture, gate=gate, num_experts=num_experts,
-                         output=output, policy=policy, scenario=scenario)
+        super().__init__(policy=policy, **mixture)
         if policy.max and policy.max < max(self.num_experts, policy.per_experience):
             raise ValueError(f"experts.max={policy.max} is below the experts one experience "
                              f"needs ({max(self.num_experts, policy.per_experience)})")
