@@ -98,3 +98,23 @@ def test_scaling_name_is_checked():
     with pytest.raises(ValueError, match="scaling"):
         sample_similarity_loss(torch.ones(2, 2) / 2, torch.zeros(2, 2), beta_s=1, beta_d=1,
                                scaling="other")
+
+
+def test_reference_scaled_ls_on_cifar_shaped_inputs_needs_the_max_normalisation():
+    """PAPER.md section 2 with the CIFAR-100 betas (1e-3, 1e-5), B = 256, M = 20, unit-variance
+    3x32x32 inputs: raw distances make L_s 12.8 nats for uniform and 256 for collapsed routing,
+    against a cross-entropy of ln 100 = 4.6 at initialisation; D / max D brings them to 0.15
+    and 3.1, within a few nats of it whatever the routing."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 32, 32)
+    uniform = torch.full((256, 20), 1 / 20)
+    collapsed = torch.zeros(256, 20)
+    collapsed[:, 0] = 1.0
+    expected = {(False, "uniform"): 12.8, (False, "collapsed"): 256.0,
+                (True, "uniform"): 0.15, (True, "collapsed"): 3.1}
+    for (normalize_max, routing), value in expected.items():
+        gate = uniform if routing == "uniform" else collapsed
+        loss = sample_similarity_loss(gate, pairwise_distances(x, normalize_max=normalize_max),
+                                      beta_s=1e-3, beta_d=1e-5, scaling="reference")
+        assert float(loss) == pytest.approx(value, rel=0.05), (normalize_max, routing)
+    assert 3.1 < math.log(100) < 12.8
