@@ -48,9 +48,10 @@ EXIT_CODES = ("Exit codes: 0 done; 2 usage error (bad option or override, a run'
               "data, device or checkpoint; nothing finished to tabulate with --report-only); 3 "
               "a run stopped on a NaN or infinite loss.")
 COLLAPSE_H_U = 0.1  # bits: (nearly) every sample routed to one expert
-FIELDS = ("run", "category", "seed", "train_error", "test_error", "MI_pred", "MI", "H_s", "H_u",
-          "average_accuracy", "forgetting", "task_aware_average_accuracy", "num_experts",
-          "experts_added", "num_parameters", "wall_time_s")
+FIELDS = ("run", "category", "seed", "train_error", "train_error_reference", "test_error",
+          "MI_pred", "MI", "H_s", "H_u", "average_accuracy", "forgetting",
+          "task_aware_average_accuracy", "num_experts", "experts_added", "num_parameters",
+          "wall_time_s")
 # Keys the suite sets itself for every run, and how to choose them instead.
 CONTROLLED = {
     "seed": "use --seeds N (runs seeds 0..N-1)",
@@ -229,9 +230,10 @@ def _run_config(benchmark: str, variant: Variant, seed: int, out: Path,
     return compose([*argv, *_applicable(compose(argv), extra)])
 
 
-# Where a run lies and how it was logged or placed; not what it computes.
+# Where a run lies, how it was logged or placed and what more it measured; not what it
+# computes (runs made before train.reference_train_error existed stay valid; they lack its field).
 NOT_SETTINGS = ("resume", "out_dir", "logging", "device", "data.root", "distill.teacher",
-                "train.checkpoint_every_epochs")
+                "train.checkpoint_every_epochs", "train.reference_train_error")
 
 
 def _check_settings(benchmark: str, variant: Variant, seed: int, out: Path,

@@ -1,17 +1,28 @@
-"""The reproduction and comparison commands: variants, aggregation, resumable suites."""
+"""The reproduction and comparison commands: variants, aggregation, resumable suites, and
+the paper presets' fidelity (L_s normalisation on CIFAR-100, the reference's train error)."""
 
 import csv
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from moe_cl import compare, reproduce
+from moe_cl.config import compose
+from moe_cl.core.zoo import get_architecture
+from moe_cl.methods import METHODS
+from moe_cl.plugins import SampleSimilarityRegularizer
 from tests.datafiles import write_mnist_like
 
+LS_PRESETS = ("moe_ls", "attentive_ls", "distilled")
 
-def _row(run, category, seed, train, test, h_u=2.0):
+
+def _row(run, category, seed, train, test, h_u=2.0, reference=None):
     return {"run": run, "category": category, "seed": seed, "train_error": train,
-            "test_error": test, "MI_pred": 2.0, "H_s": 0.1, "H_u": h_u}
+            "train_error_reference": reference, "test_error": test, "MI_pred": 2.0, "H_s": 0.1,
+            "H_u": h_u}
 
 
 def test_variants_cover_the_paper_and_expand_its_grids():
@@ -69,6 +80,9 @@ def test_reproduce_end_to_end_resumes_and_skips_finished_runs(tmp_path, capsys):
     assert len(rows) == 8 and {r["run"] for r in rows} == names
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     assert set(table) == names
+    # paper_* runs measure the reference's train error; the selection uses it.
+    assert all(0 <= float(r["train_error_reference"]) <= 1 for r in rows)
+    assert {entry["selected_by"] for entry in table.values()} == {"train_error_reference"}
     # The distilled model distils the attentive + L_s run of its seed instead of retraining it.
     config = (tmp_path / "out" / "distilled_ls" / "seed-1" / "config.yaml").read_text()
     assert f"teacher: {tmp_path / 'out' / 'attentive_ls' / 'seed-1'}" in config
@@ -126,3 +140,81 @@ def test_compare_lists_every_strategy_and_runs_a_subset(tmp_path):
     table = json.loads((tmp_path / "table.json").read_text())
     assert set(table) == {"moe-grow_freeze-task", "naive-task"}
     assert table["moe-grow_freeze-task"]["num_experts"][0] == 6
+
+
+def test_selection_minimises_the_reference_train_error_and_says_when_it_cannot():
+    rows = [
+        # The pre-step measure would pick seed 0, the reference's picks seed 1.
+        _row("moe", "moe", 0, 0.02, 0.11, reference=0.05),
+        _row("moe", "moe", 1, 0.04, 0.12, reference=0.03),
+        # One run made before the reference's measure: the category falls back for all runs.
+        _row("attentive", "attentive", 0, 0.03, 0.10, reference=0.01),
+        _row("attentive", "attentive", 1, 0.02, 0.13),
+    ]
+    table = reproduce.aggregate(rows, "paper_fmnist", ["moe", "attentive"])
+    assert table["moe"]["selected_by"] == "train_error_reference"
+    assert table["moe"]["best_run"]["seed"] == 1
+    assert table["moe"]["mean_std_fixed"]["train_error_reference"][0] == pytest.approx(0.04)
+    assert table["attentive"]["selected_by"] == "train_error"
+    assert table["attentive"]["best_run"]["seed"] == 1
+    assert table["attentive"]["runs_without_reference"] == 1
+    text = reproduce.markdown(table, "paper_fmnist")
+    assert "| moe | 2 | reference | 0.030 (-0.011) | 0.040 (-0.001) | 0.120 (+0.016) |" in text
+    assert "| attentive | 2 | pre-step (1 of 2 runs lack reference) | - | 0.020" in text
+
+
+def test_cifar100_attentive_ls_sits_beside_the_published_row_and_our_attentive_run():
+    rows = [_row("attentive_ls", "attentive_ls", 0, 0.38, 0.48, reference=0.37),
+            _row("attentive", "attentive", 0, 0.40, 0.50, reference=0.39)]
+    published = reproduce.published("paper_cifar100")
+    assert published["attentive_ls"]["trained_as"] == "attentive"
+    assert "never passes the L_s weights" in published["attentive_ls"]["caveat"]
+    text = reproduce.markdown(reproduce.aggregate(rows, "paper_cifar100", list(reproduce.VARIANTS)),
+                              "paper_cifar100")
+    section = text[text.index("### paper_cifar100: attentive_ls beside the published row"):]
+    assert "never passes the L_s weights" in section
+    lines = [line for line in section.splitlines() if line.startswith(("| ours", "| published"))]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| ours: attentive_ls", "| published: attentive_ls", "| ours: attentive",
+        "| published: attentive"]
+    assert lines[1].endswith("| 0.373 | - | 0.471 | 3.445 | 0.808 | 3.451 | 0.492 +- 0.014 |")
+    assert lines[2].startswith("| ours: attentive | 1 | 0.390 | 0.400 | 0.500 |")
+    assert "| attentive_ls (published row trained as attentive) | 1 | reference |" in text
+
+
+@pytest.mark.parametrize("strategy", LS_PRESETS)
+def test_paper_ls_presets_normalise_distances_by_their_maximum_on_cifar100_only(strategy):
+    """PAPER.md section 2: every CIFAR-100 run divided D by its maximum, MNIST and
+    Fashion-MNIST used raw D; the grid points keep the preset's choice."""
+    for benchmark in reproduce.PAPER_BENCHMARKS:
+        ls = compose([f"benchmark={benchmark}", f"strategy={strategy}"]).regularizer.ls
+        assert ls.scaling == "reference"
+        assert ls.normalize_max is (benchmark == "paper_cifar100"), benchmark
+    category = "distilled_ls" if strategy == "distilled" else strategy
+    for variant in reproduce.variants("paper_cifar100", [category], grid=True):
+        cfg = compose(["benchmark=paper_cifar100", *variant.argv])
+        assert cfg.regularizer.ls.normalize_max is True, variant.name
+
+
+@pytest.mark.parametrize("strategy", LS_PRESETS)
+def test_paper_cifar100_ls_is_on_the_scale_of_the_cross_entropy_at_initialisation(strategy):
+    """The preset's L_s plugin, as the strategy builds it, on random CIFAR-shaped inputs
+    (B = 256) through the freshly initialised paper model: a fraction of the cross-entropy
+    ln 100 = 4.6, not the 12.8 nats of raw distances."""
+    cfg = compose(["benchmark=paper_cifar100", f"strategy={strategy}"])
+    torch.manual_seed(0)
+    model = METHODS[cfg.method].make_model(cfg, get_architecture(cfg.model.architecture))
+    strategy_plugins = METHODS[cfg.method].build_strategy(
+        cfg, {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.0),
+              "train_mb_size": 256, "train_epochs": 1, "eval_mb_size": 256,
+              "device": "cpu", "plugins": [], "evaluator": None},
+        SimpleNamespace(batch_augment=None)).plugins
+    ls = next(p for p in strategy_plugins if isinstance(p, SampleSimilarityRegularizer))
+    x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 100, (256,))
+    with torch.no_grad():
+        cross_entropy = torch.nn.functional.nll_loss(model(x), y)
+        batch = SimpleNamespace(model=model, mb_x=x, loss=cross_entropy)
+        ls.before_backward(batch)
+    value = float(batch.loss - cross_entropy)
+    assert float(cross_entropy) == pytest.approx(math.log(100), abs=0.1)
+    assert 0 < value < 1.0

@@ -5,11 +5,12 @@ by less."""
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from moe_cl import compare, reproduce
+from moe_cl import compare, reproduce, suite
 
 FAST = ("train.epochs=1", "logging.figures=false")
 
@@ -194,3 +195,20 @@ def test_runs_made_with_other_settings_are_refused_not_mixed(suite_out, capsys):
     # Where the data lie, how runs log, checkpoint cadence: not settings.
     assert _compare(suite_out, "--only", "naive",
                     overrides=["train.checkpoint_every_epochs=3", "logging.csv=false"]) == 0
+
+
+def test_committed_paper_runs_made_before_the_reference_train_error_still_count():
+    """The paper_* presets now measure the reference's train error, a measurement rather than a
+    setting: the committed paper_fmnist runs, made without it, are still runs of the settings
+    asked for (read back, not trained again) and simply lack the field."""
+    out = Path(__file__).resolve().parents[1] / "results" / "reproduce" / "paper_fmnist"
+    config = (out / "moe" / "seed-0" / "config.yaml").read_text()
+    assert "reference_train_error" not in config
+    said = []
+    suite.train_runs("paper_fmnist", reproduce.variants("paper_fmnist", list(reproduce.VARIANTS),
+                                                        grid=False),
+                     range(5), out, extra=["data.root=data"], echo=said.append)
+    assert len(said) == 45 and all("(done before)" in line for line in said)
+    rows = suite.finished_runs("paper_fmnist", reproduce.variants(
+        "paper_fmnist", list(reproduce.VARIANTS), grid=True), out)
+    assert len(rows) == 45 and all(r["train_error_reference"] is None for r in rows)
