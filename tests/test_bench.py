@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import moe_cl.bench.__main__ as cli
-from moe_cl.bench import epoch, registry, report, runner, training
+from moe_cl.bench import epoch, registry, report, runner, settings, training
+from moe_cl.plugins import ReferenceTrainError
 
 TIMED_SECTIONS = ("bank", "ls", "epoch", "topk")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -157,6 +158,35 @@ def test_plain_loop_and_strategy_epochs_see_the_same_samples():
                               **options)
     assert plain.samples == fast.samples == [300]
     assert len(plain.epoch_s) == len(fast.epoch_s) == 1
+
+
+def test_epoch_section_prices_the_reference_train_error(tiny_results):
+    """The fast path with ReferenceTrainError runs beside the one without it, in every row of
+    the epoch section, and its cost is a target (timings unchecked here: shared machine)."""
+    section = tiny_results["sections"]["epoch"]
+    for case in {row["case"] for row in section["rows"] if not row["case"].startswith("gather")}:
+        variants = {row["variant"] for row in section["rows"] if row["case"] == case}
+        assert {epoch.FAST, epoch.MEASURED} <= variants, case
+    cost = [t for t in section["targets"] if "reference train error" in t["target"]]
+    assert len(cost) == 1 and cost[0]["kind"] == "<=" and cost[0]["value"] > 0
+
+
+def test_the_priced_variant_measures_the_reference_train_error(monkeypatch):
+    made = []
+
+    def measurement():
+        made.append(ReferenceTrainError())
+        return made[-1]
+
+    strategy_class, options = epoch.STRATEGIES[epoch.MEASURED]
+    assert options["plugins"] == (ReferenceTrainError,)
+    monkeypatch.setitem(epoch.STRATEGIES, epoch.MEASURED,
+                        (strategy_class, {**options, "plugins": (measurement,)}))
+    experience = training.synthetic_benchmark(100, 20, (1, 28, 28), 10).train_stream[0]
+    run = epoch.epoch_runner(epoch.MEASURED, experience, settings.PRESETS["tiny"],
+                             torch.device("cpu"), 1)()
+    assert run.samples == [100]
+    assert len(made) == 1 and 0 <= made[0].last_epoch_error <= 1
 
 
 def test_every_registered_section_is_a_module_with_a_section():

@@ -1,18 +1,20 @@
 """Section ``epoch``: one training epoch of ``paper_fmnist`` with the paper's attentive MoE
-through ``MoEStrategy`` (fast tensor path and Avalanche loaders), a plain PyTorch loop and
-Avalanche's ``Naive``."""
+through ``MoEStrategy`` (fast tensor path and Avalanche loaders; the fast path also with the
+reference code's train error, a second no-grad forward per step, to price that measurement),
+a plain PyTorch loop and Avalanche's ``Naive``."""
 
 from __future__ import annotations
 
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 from torch import Tensor
 
@@ -29,26 +31,33 @@ from moe_cl.bench.training import (
     timed_train,
 )
 from moe_cl.data import dataset_tensors
+from moe_cl.plugins import ReferenceTrainError
 from moe_cl.strategies import MoEStrategy
 
 PLAIN, NAIVE = "plain PyTorch loop", "Avalanche Naive"
 FAST, LOADERS = "MoEStrategy fast_data=True", "MoEStrategy fast_data=False"
-# Each strategy variant: its class and the options that set it apart.
+MEASURED = "MoEStrategy fast_data=True + reference train error"
+# Each strategy variant: its class and the options that set it apart (``plugins``: the plugin
+# classes, a fresh one of each per run).
 STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
     FAST: (MoEStrategy, {"fast_data": True}),
+    MEASURED: (MoEStrategy, {"fast_data": True, "plugins": (ReferenceTrainError,)}),
     LOADERS: (MoEStrategy, {"fast_data": False}),
     NAIVE: (Naive, {"criterion": torch.nn.NLLLoss()}),  # NLLLoss on the mixture's log-probs
 }
 EPOCH_VARIANTS = (PLAIN, *STRATEGIES)
+FAST_PATH = (FAST, MEASURED)  # they train on a copy of the benchmark that nothing has indexed
 
 
 def run_strategy(
     strategy_class: type, experience: Any, *, epochs: int, batch: int, device: torch.device,
-    **options: Any,
+    plugins: Sequence[Callable[[], SupervisedPlugin]] = (), **options: Any,
 ) -> EpochRun:
-    """``strategy_class(...).train`` of the attentive mixture (M = 5) on one experience."""
+    """``strategy_class(...).train`` of the attentive mixture (M = 5) on one experience, with a
+    fresh plugin from each of ``plugins``."""
     strategy, clock = timed_strategy(strategy_class, paper_model("fmnist", 5), epochs=epochs,
-                                     batch=batch, device=device, **options)
+                                     batch=batch, device=device,
+                                     plugins=[make() for make in plugins], **options)
     return timed_train(strategy, experience, clock, device)
 
 
@@ -170,7 +179,8 @@ def run(sizes: Sizes, device: torch.device, options: Options) -> dict[str, Any]:
             epoch_runner(variant, warm_exp, sizes, device, 1)()
 
     runners = {
-        v: epoch_runner(v, fast_experience if v == FAST else experience, sizes, device, epochs)
+        v: epoch_runner(v, fast_experience if v in FAST_PATH else experience, sizes, device,
+                        epochs)
         for v in EPOCH_VARIANTS
     }
     runs: dict[str, list[EpochRun]] = {v: [] for v in EPOCH_VARIANTS}
@@ -212,6 +222,9 @@ def run(sizes: Sizes, device: torch.device, options: Options) -> dict[str, Any]:
             "MoEStrategy fast_data=True trains on its own copy of the benchmark that nothing "
             "has indexed: once a dataset has been read sample by sample, its gather falls back "
             "to a per-sample DataLoader (gather rows).",
+            "+ reference train error: the fast path with ReferenceTrainError (a second no-grad "
+            "forward of each mini-batch after its step; train.reference_train_error, on for the "
+            "paper_* benchmarks): the ratio to the fast path without it is its cost.",
         ],
     }
 
@@ -219,11 +232,15 @@ def run(sizes: Sizes, device: torch.device, options: Options) -> dict[str, Any]:
 def _targets(epoch: dict[str, list[float]], whole: dict[str, list[float]],
              label: str) -> list[dict[str, Any]]:
     """MoEStrategy's fast path within 15 % of the plain loop, and Naive 1.5x slower than it,
-    per epoch (``label``) and over the whole train() call."""
-    moe, plain, naive = (statistics.median(epoch[v]) for v in (FAST, PLAIN, NAIVE))
+    per epoch (``label``) and over the whole train() call; the reference train error adds at
+    most half an epoch more (its forward has no backward)."""
+    moe, plain, naive, measured = (statistics.median(epoch[v])
+                                   for v in (FAST, PLAIN, NAIVE, MEASURED))
     wmoe, wplain, wnaive = (statistics.median(whole[v]) for v in (FAST, PLAIN, NAIVE))
     return [
         target(f"MoEStrategy (fast) / plain loop, {label}", moe / plain, 1.15, at_most=True),
+        target(f"MoEStrategy (fast) with / without the reference train error, {label}",
+               measured / moe, 1.5, at_most=True),
         target(f"Naive / MoEStrategy (fast), {label}", naive / moe, 1.5),
         target(
             "MoEStrategy (fast) / plain loop, whole train() call", wmoe / wplain, 1.15, at_most=True

@@ -40,7 +40,8 @@ SECTIONS: dict[str, Entry] = {
     "ls": Entry("moe_cl.bench.ls", "L_s through G G^T against the reference double loop"),
     "epoch": Entry(
         "moe_cl.bench.epoch",
-        "one paper_fmnist epoch: MoEStrategy (fast path, loaders), a plain loop, Avalanche Naive",
+        "one paper_fmnist epoch: MoEStrategy (fast path with and without the reference train "
+        "error, loaders), a plain loop, Avalanche Naive",
     ),
     "topk": Entry("moe_cl.bench.topk", "top-1 / top-2 against dense inference, distilled gate"),
     "memory": Entry(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,10 @@ def paper_model(architecture: str, num_experts: int) -> MixtureOfExperts:
 
 def timed_strategy(
     strategy_class: type, model: torch.nn.Module, *, epochs: int, batch: int,
-    device: torch.device, **options: Any,
+    device: torch.device, plugins: Sequence[SupervisedPlugin] = (), **options: Any,
 ) -> tuple[Any, EpochClock]:
-    """A quiet strategy (Adam lr 1e-3) with a per-epoch clock; returns (strategy, clock)."""
+    """A quiet strategy (Adam lr 1e-3) with a per-epoch clock before ``plugins``; returns
+    (strategy, clock)."""
     clock = EpochClock(device=device)
     strategy = strategy_class(
         model=model,
@@ -123,7 +125,7 @@ def timed_strategy(
         train_epochs=epochs,
         eval_mb_size=1024,
         device=device,
-        plugins=[clock],
+        plugins=[clock, *plugins],
         evaluator=quiet_evaluator(),
         **options,
     )
