@@ -253,7 +253,7 @@ class MixtureOfExperts(ClassMaskedModel):
         """The mixture's output in eval mode on up to ``probe_samples`` samples of the
         experience (its classes counted as known) and their labels: what growth decisions
         read."""
-        x, y, t = first_samples(experience, self.policy.probe_samples, self._device())
+        x, y, t = class_balanced_samples(experience, self.policy.probe_samples, self._device())
         was_training = self.training
         self.eval()
         try:
@@ -356,13 +356,21 @@ class SingleExpertModel(ClassMaskedModel):
         return masked_log_softmax(logits, class_mask)
 
 
-def first_samples(
+def class_balanced_samples(
     experience: CLExperience, count: int, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The experience's first ``count`` samples, read without indexing the dataset sample by
-    sample (which would send the strategy's later gather down its slow path)."""
+    """Up to ``count`` samples of the experience, taken in turn from each of its classes (the
+    first of each class, then the second, ...): streams hold an experience's samples sorted by
+    class, so its first samples would show one class only. Deterministic, drawing nothing from
+    the RNG; read without indexing the dataset sample by sample (which would send the
+    strategy's later gather down its slow path)."""
     x, y, t = dataset_tensors(experience.dataset.eval())
-    return x[:count].to(device), y[:count].to(device), t[:count].to(device)
+    rank = torch.empty_like(y)
+    for label in y.unique():
+        members = (y == label).nonzero().flatten()
+        rank[members] = torch.arange(len(members))
+    chosen = torch.argsort(rank, stable=True)[:count]
+    return x[chosen].to(device), y[chosen].to(device), t[chosen].to(device)
 
 
 def routing_output(model: nn.Module) -> MoEOutput:

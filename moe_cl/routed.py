@@ -36,7 +36,7 @@ from moe_cl.core.mixture import MoEOutput
 from moe_cl.core.router import ClassStatistics, PixelFeatures, RandomConvFeatures
 from moe_cl.data import dataset_tensors
 from moe_cl.model_options import ExpertPolicy, RouterOptions
-from moe_cl.models import MixtureOfExperts, first_samples, routing_output
+from moe_cl.models import MixtureOfExperts, class_balanced_samples, routing_output
 
 
 class RoutedMixture(MixtureOfExperts):
@@ -224,7 +224,7 @@ class RoutedMixture(MixtureOfExperts):
     def separation_scores(self, experience: CLExperience) -> list[float]:
         """Per expert group, the mean over its experts of the mean pairwise KL divergence
         between Gaussians of the experience's classes in that expert's hidden space (SEED)."""
-        x, y, _ = first_samples(experience, self.policy.probe_samples, self._device())
+        x, y, _ = class_balanced_samples(experience, self.policy.probe_samples, self._device())
         was_training = self.training
         self.eval()
         try:

@@ -276,3 +276,16 @@ def test_the_distilled_copy_keeps_the_experts_and_trains_only_its_softmax_gate()
     assert student.group_sizes == [2, 1] and student.growth_log == model.growth_log
     student.eval()
     torch.testing.assert_close(student.core(x).expert_log_probs, model.core(x).expert_log_probs)
+
+
+def test_probe_samples_cover_every_class_of_a_class_sorted_experience():
+    from moe_cl.models import class_balanced_samples
+
+    bundle, _ = tiny(2)
+    experience = bundle.benchmark.train_stream[0]
+    _, labels, _ = class_balanced_samples(experience, 64, torch.device("cpu"))
+    first_half = labels[:32]
+    assert sorted(labels.unique().tolist()) == bundle.classes_per_experience[0]
+    assert abs(int((first_half == labels[0]).sum()) - 16) <= 1  # alternating classes
+    x, _, _ = class_balanced_samples(experience, 64, torch.device("cpu"))
+    assert torch.equal(x, class_balanced_samples(experience, 64, torch.device("cpu"))[0])

@@ -121,6 +121,7 @@ def test_past_the_cap_the_best_separating_group_is_reused_and_distilled():
     assert all(seen_aux[-4:])
     entry = model.growth_log[-1]
     assert entry["decision"] == "reuse" and len(entry["scores"]) == 2
+    assert all(score > 0 for score in entry["scores"])  # both classes reached the probe
     reused = entry["reused_group"]
     assert reused == max(range(2), key=lambda g: entry["scores"][g])
     assert model.num_experts == 4
