@@ -32,6 +32,7 @@ from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
 from moe_cl.core.experience_routing import ExperienceRoutes, mix_by_experience
+from moe_cl.core.gates import SoftmaxGate
 from moe_cl.core.mixture import MoEOutput
 from moe_cl.core.router import ClassStatistics, PixelFeatures, RandomConvFeatures
 from moe_cl.data import dataset_tensors
@@ -175,10 +176,18 @@ class RoutedMixture(MixtureOfExperts):
         for group in self.core.bank.groups:
             group.requires_grad_(False)
         self.reused_group, self.reuse_teacher = None, None
-        if not self.gate_frozen:
-            self.gate_frozen = True
-            self.core.gate.requires_grad_(False)
-            self.core.gate.eval()
+        self._freeze_gate()
+
+    def _freeze_gate(self) -> None:
+        """The gate keeps what it learnt with the first experience; only a softmax gate's output
+        rows of experts still in training (an unfrozen group's) stay trainable."""
+        self.gate_frozen = True
+        gate = self.core.gate
+        gate.requires_grad_(False)
+        gate.eval()
+        if isinstance(gate, SoftmaxGate):
+            for head, group in zip(gate.heads, self.core.bank.groups, strict=True):
+                head.requires_grad_(not group.frozen)
 
     def _grow(self, experience: CLExperience) -> None:
         count = self.policy.per_experience
@@ -303,8 +312,8 @@ class RoutedMixture(MixtureOfExperts):
         super().set_extra_state(state)
         self.expert_experiences = [list(e) for e in state["expert_experiences"]]
         self.expert_support = [list(c) for c in state["expert_support"]]
-        if state["gate_frozen"] and not self.gate_frozen:
-            self._freeze_all()
+        if state["gate_frozen"]:
+            self._freeze_gate()
         if state["reused_group"] is not None:
             self.start_reuse(state["reused_group"])
         self._routes = None

@@ -282,3 +282,33 @@ def test_a_feature_map_larger_than_the_input_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "router" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("gate", ["attentive", "softmax"])
+def test_a_checkpoint_inside_an_experience_restores_what_trains(gate):
+    """Loaded inside experience 1, the model trains exactly what the original trains: the new
+    experts (and a softmax gate's rows for them), nothing older."""
+    from avalanche.core import SupervisedPlugin
+
+    torch.manual_seed(9)
+    bundle, arch = _tiny()
+    model = RoutedMixture(architecture=arch, gate=gate, num_experts=2,
+                          policy=ExpertPolicy("grow", per_experience=2),
+                          router=RouterOptions(feature="pixels"))
+    snapshots = []
+
+    class Snapshot(SupervisedPlugin):
+        def before_training_epoch(self, strategy, **kwargs):
+            trainable = sorted(n for n, p in strategy.model.named_parameters() if p.requires_grad)
+            snapshots.append((copy.deepcopy(strategy.model.state_dict()), trainable))
+
+    strategy = _strategy(model, epochs=1, plugins=[Snapshot()])
+    strategy.train(bundle.benchmark.train_stream[0])
+    strategy.train(bundle.benchmark.train_stream[1])
+    state, trainable = snapshots[-1]
+    fresh = RoutedMixture(architecture=arch, gate=gate, num_experts=2,
+                          policy=ExpertPolicy("grow", per_experience=2),
+                          router=RouterOptions(feature="pixels"))
+    fresh.load_state_dict(state)
+    assert sorted(n for n, p in fresh.named_parameters() if p.requires_grad) == trainable
+    assert trainable and all(".groups.1." in n or ".heads.1." in n for n in trainable)
