@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from moe_cl.dataset_names import BENCHMARK_NAMES
 from moe_cl.datasets import DATASETS, DataError, DataOptions, load
 
 if TYPE_CHECKING:
@@ -30,17 +31,6 @@ __all__ = [
     "make_benchmark",
     "random_flip_crop",
 ]
-
-# split_X and paper_X for every data set read from files, then the generated ones by name.
-BENCHMARK_NAMES: tuple[str, ...] = (
-    *(
-        f"{kind}_{name}"
-        for kind in ("split", "paper")
-        for name, spec in DATASETS.items()
-        if spec.folder is not None
-    ),
-    *(name for name, spec in DATASETS.items() if spec.folder is None),
-)
 
 _DATA_OPTIONS = ("samples_per_class", "test_samples_per_class", "debian_fmnist_dir")
 _SUBSET_OPTIONS = ("max_train_samples", "max_test_samples")

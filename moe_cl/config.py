@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import moe_cl
-from moe_cl.benchmarks import BENCHMARK_NAMES
 from moe_cl.core.choices import GATES, OUTPUTS, PAPER_ARCHITECTURES, SCALINGS
+from moe_cl.dataset_names import BENCHMARK_NAMES
 from moe_cl.methods import METHODS, key_applies
 from moe_cl.model_options import (
     EXPERT_INITS,
