@@ -3,8 +3,10 @@
 Avalanche 0.6's own checkpointing pickles the whole strategy with dill and fails with torch 2.14;
 it would also execute whatever a checkpoint file contains. Here a checkpoint holds state_dicts,
 the growth of the mixture, the state of the plugins that carry state across experiences
-(replay buffer, EWC, LwF), the RNG states and the run's progress. A file that is not such a
+(replay buffer, EWC, LwF, SI), the RNG states and the run's progress. A file that is not such a
 checkpoint (corrupt, truncated, or holding pickled objects) is refused with a clear error.
+Streaming LDA keeps its statistics in its model's buffers (moe_cl.baselines.SLDAClassifier),
+so the model's state_dict holds them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
-from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
+from avalanche.training.plugins import (
+    EWCPlugin,
+    LwFPlugin,
+    ReplayPlugin,
+    SynapticIntelligencePlugin,
+)
 from avalanche.training.storage_policy import ReservoirSamplingBuffer
 from avalanche.training.utils import ParamData
 
@@ -91,6 +98,12 @@ def plugin_states(plugins: list) -> dict:
                 "prev_classes": {int(t): sorted(int(c) for c in cs)
                                  for t, cs in lwf.prev_classes_by_task.items()},
             }
+        elif isinstance(plugin, SynapticIntelligencePlugin):
+            states["si"] = {
+                "ewc_data": [_tensors(data) for data in plugin.ewc_data],
+                "syn_data": {key: _tensors(data) for key, data in plugin.syn_data.items()},
+                "in_experience": getattr(plugin, "in_experience", False),
+            }
     return states
 
 
@@ -119,6 +132,12 @@ def load_plugin_states(plugins: list, states: dict, model: torch.nn.Module) -> N
             lwf.prev_classes_by_task = defaultdict(
                 set, {t: set(cs) for t, cs in states["lwf"]["prev_classes"].items()}
             )
+        elif isinstance(plugin, SynapticIntelligencePlugin) and "si" in states:
+            si = states["si"]
+            plugin.ewc_data = tuple(_params(data) for data in si["ewc_data"])
+            plugin.syn_data = {key: _params(data) for key, data in si["syn_data"].items()}
+            if hasattr(plugin, "in_experience"):
+                plugin.in_experience = si["in_experience"]
 
 
 def _buffer_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,15 +147,22 @@ def _buffer_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _param_dicts(data: dict) -> dict:
-    return {int(t): {name: p.data.cpu() for name, p in params.items()}
-            for t, params in data.items()}
+    return {int(t): _tensors(params) for t, params in data.items()}
 
 
 def _param_data(data: dict) -> defaultdict:
     out: defaultdict = defaultdict(dict)
     for t, params in data.items():
-        out[t] = {name: ParamData(name, init_tensor=tensor) for name, tensor in params.items()}
+        out[t] = _params(params)
     return out
+
+
+def _tensors(params: dict[str, ParamData]) -> dict[str, torch.Tensor]:
+    return {name: p.data.cpu() for name, p in params.items()}
+
+
+def _params(tensors: dict[str, torch.Tensor]) -> dict[str, ParamData]:
+    return {name: ParamData(name, init_tensor=tensor) for name, tensor in tensors.items()}
 
 
 # ----------------------------------------------------------------------------- files

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 import moe_cl
 from moe_cl.core.choices import GATES, OUTPUTS, PAPER_ARCHITECTURES, SCALINGS
 from moe_cl.dataset_names import BENCHMARK_NAMES
-from moe_cl.methods import METHODS, key_applies
+from moe_cl.methods import BACKBONES, METHODS, key_applies
 from moe_cl.model_options import (
     EXPERT_INITS,
     POLICIES,
@@ -81,6 +81,8 @@ class ModelConfig:
     output: str = "expectation"
     mlp_width: int = 64
     mlp_hidden: int = 32
+    # The single-model methods' network: the single expert, or the gate network as a classifier.
+    backbone: str = "expert"
 
 
 @dataclass
@@ -102,6 +104,14 @@ class BaselineConfig:
     ewc_lambda: float = 1.0
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
+    si_lambda: float = 1.0
+
+
+@dataclass
+class SLDAConfig:
+    # The frozen feature space of method=slda: pixels | random_conv | gate_trunk.
+    features: str = "random_conv"
+    shrinkage: float = 1e-4  # Avalanche's
 
 
 @dataclass
@@ -148,6 +158,7 @@ class RunConfig:
     router: RouterOptions = field(default_factory=RouterOptions)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    slda: SLDAConfig = field(default_factory=SLDAConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -164,11 +175,13 @@ CHOICES: dict[str, Collection[str]] = {
     "model.architecture": ("auto", *PAPER_ARCHITECTURES, "mlp"),
     "model.gate": GATES,
     "model.output": OUTPUTS,
+    "model.backbone": BACKBONES,
     "experts.policy": POLICIES,
     "experts.init": EXPERT_INITS,
     "regularizer.ls.scaling": SCALINGS,
     "router.feature": ROUTER_FEATURES,
     "router.combine": ROUTER_COMBINES,
+    "slda.features": ROUTER_FEATURES,  # every feature space of the router
 }
 POSITIVE = ("train.batch_size", "train.eval_batch_size", "model.num_experts",
             "experts.per_experience", "experts.probe_samples", "data.n_experiences",
@@ -177,9 +190,10 @@ POSITIVE = ("train.batch_size", "train.eval_batch_size", "model.num_experts",
 NON_NEGATIVE = ("train.epochs", "regularizer.importance", "regularizer.ls.beta_s",
                 "regularizer.ls.beta_d", "replay.mem_size", "distill.epochs",
                 "train.checkpoint_every_epochs", "baseline.ewc_lambda", "baseline.lwf_alpha",
+                "baseline.si_lambda",
                 "experts.threshold", "experts.max", "experts.reuse_distillation",
                 "router.expert_weight")
-ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature", "router.shrinkage")
+ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature", "router.shrinkage", "slda.shrinkage")
 MAX_SEED = 2**32 - 1  # numpy's limit; Avalanche seeds numpy, random and torch alike
 
 

@@ -121,8 +121,9 @@ def weight_decay(cfg: DictConfig, model: torch.nn.Module) -> float:
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
-                            weight_decay=weight_decay(cfg, model))
+    # A model without parameters (SLDA on fixed features) gets an empty group: same checkpoints.
+    params = list(model.parameters()) or [{"params": []}]
+    return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=weight_decay(cfg, model))
 
 
 def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool) -> EvaluationPlugin:

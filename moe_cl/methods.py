@@ -67,10 +67,33 @@ def routed_problem(cfg: DictConfig) -> str | None:
     return None
 
 
+# The one network of the single-model methods (model.backbone): the single expert, or the gate
+# network as a classifier (about the mixture's parameters: moe_cl.baselines.GateClassifier).
+BACKBONES = ("expert", "gate")
+
+
 def single_expert_model(cfg: DictConfig, architecture: Architecture) -> nn.Module:
     from moe_cl.models import SingleExpertModel
 
+    if cfg.model.backbone == "gate":
+        from moe_cl.baselines import GateClassifier
+
+        return GateClassifier(architecture=architecture, scenario=cfg.scenario)
     return SingleExpertModel(architecture=architecture, scenario=cfg.scenario)
+
+
+def slda_model(cfg: DictConfig, architecture: Architecture) -> nn.Module:
+    from moe_cl.baselines import SLDAClassifier
+
+    return SLDAClassifier(architecture=architecture, features=cfg.slda.features,
+                          shrinkage=cfg.slda.shrinkage, scenario=cfg.scenario)
+
+
+def slda_problem(cfg: DictConfig) -> str | None:
+    """Avalanche weighs the covariance by 1 - shrinkage: above 1 it is no covariance."""
+    if not cfg.slda.shrinkage <= 1:
+        return f"slda.shrinkage must be in (0, 1], got {cfg.slda.shrinkage}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -163,9 +186,32 @@ def joint_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBun
     return JointTraining(**common, criterion=_log_likelihood())
 
 
+def si_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBundle):
+    from avalanche.training import Naive
+
+    from moe_cl.baselines import SynapticIntelligenceFixed
+
+    plugins = [*common["plugins"], SynapticIntelligenceFixed(si_lambda=cfg.baseline.si_lambda)]
+    return Naive(**{**common, "plugins": plugins}, criterion=_log_likelihood())
+
+
+def slda_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBundle):
+    """No backward pass: the NaN-loss guard has nothing to watch (the gate trunk's training
+    checks its own loss), and Avalanche's SLDA warns about plugins with backward hooks."""
+    from moe_cl.baselines import BatchedStreamingLDA
+    from moe_cl.plugins import NonFiniteLossGuard
+
+    rest = {k: v for k, v in common.items() if k not in ("model", "optimizer", "plugins")}
+    plugins = [p for p in common["plugins"] if not isinstance(p, NonFiniteLossGuard)]
+    return BatchedStreamingLDA(slda_model=common["model"], criterion=_log_likelihood(),
+                               feature_optimizer=common["optimizer"],
+                               feature_epochs=cfg.train.epochs, plugins=plugins, **rest)
+
+
 # ----------------------------------------------------------------------------- the registry
 
-BACKBONE = "on the single-expert backbone"
+BACKBONE = "on the single-expert backbone (model.backbone=gate: the gate network)"
+SINGLE_MODEL_KEYS = ("model.backbone",)
 MIXTURE_KEYS = ("model.num_experts", "model.gate", "model.output", "regularizer.", "replay.")
 # The expert policy's keys; the cap and the reuse distillation are the routed mixture's alone.
 ROUTED_EXPERT_KEYS = ("experts.max", "experts.reuse_distillation")
@@ -181,14 +227,23 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            moe_strategy, mixture=True, build_model=routed_mixture_model, check=routed_problem,
            keys=(*MIXTURE_KEYS, "experts.policy", "experts.per_experience", "experts.init",
                  "experts.probe_samples", *ROUTED_EXPERT_KEYS, "router.")),
-    Method("naive", f"Avalanche Naive (fine-tuning) {BACKBONE}: the lower bound", naive_strategy),
-    Method("ewc", f"Avalanche EWC {BACKBONE}", ewc_strategy, keys=("baseline.ewc_lambda",)),
+    Method("naive", f"Avalanche Naive (fine-tuning) {BACKBONE}: the lower bound", naive_strategy,
+           keys=SINGLE_MODEL_KEYS),
+    Method("ewc", f"Avalanche EWC {BACKBONE}", ewc_strategy,
+           keys=("baseline.ewc_lambda", *SINGLE_MODEL_KEYS)),
     Method("lwf", f"Avalanche LwF (distillation from the previous model) {BACKBONE}",
-           lwf_strategy, keys=("baseline.lwf_alpha", "baseline.lwf_temperature")),
+           lwf_strategy, keys=("baseline.lwf_alpha", "baseline.lwf_temperature",
+                               *SINGLE_MODEL_KEYS)),
     Method("replay", f"Avalanche Replay (experience-balanced reservoir buffer) {BACKBONE}",
-           replay_strategy, keys=("replay.",)),
+           replay_strategy, keys=("replay.", *SINGLE_MODEL_KEYS)),
     Method("joint", f"Avalanche JointTraining on all experiences at once {BACKBONE}: the "
-           "offline upper bound", joint_strategy, joint=True),
+           "offline upper bound", joint_strategy, joint=True, keys=SINGLE_MODEL_KEYS),
+    Method("si", f"Avalanche Synaptic Intelligence {BACKBONE}, its CPU snapshot bug fixed",
+           si_strategy, keys=("baseline.si_lambda", *SINGLE_MODEL_KEYS)),
+    Method("slda", "Avalanche StreamingLDA, fitted a batch at a time, on frozen features "
+           "(slda.features: pixels, the router's random conv, or the gate trunk trained on the "
+           "first experience); no sample kept", slda_strategy, build_model=slda_model,
+           check=slda_problem, keys=("slda.",)),
 )}
 
 
