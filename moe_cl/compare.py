@@ -5,10 +5,14 @@ Every MoE expert policy (fixed, grow, grow with frozen old experts, the same wit
 copied from the busiest ones, grow on demand; task-incremental also with each task routed to its
 own experts) with the attentive gate, each with and without L_s and with and without replay,
 and the unregularised original (softmax-gate) mixture with a fixed set of experts, next to
-Avalanche's naive, EWC, LwF, replay and joint training on the single-expert backbone, all with
-the same epochs. Writes ``runs.csv``, ``table.json`` and ``table.md`` (mean +- std over seeds)
-covering every finished run in --out, so a run of a subset (``--only``, fewer seeds) adds to the
-table. Interrupted, it resumes.
+every method of the registry without a mixture, all with the same epochs: Avalanche's naive,
+EWC, LwF, replay, joint training and SI on the single-expert backbone; the continual ones also
+on the gate network as a classifier (``gate-NAME``: model.backbone=gate, about the mixture's
+parameters); and Avalanche's streaming LDA in each feature space of the router
+(``slda+FEATURES``), which keeps no sample and needs no task label: in task-incremental runs its
+scores are masked to each sample's task's classes, like every model's. Writes ``runs.csv``,
+``table.json`` and ``table.md`` (mean +- std over seeds) covering every finished run in --out,
+so a run of a subset (``--only``, fewer seeds) adds to the table. Interrupted, it resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 
 from moe_cl import suite
 from moe_cl.methods import METHODS, key_applies
+from moe_cl.model_options import ROUTER_FEATURES
 
 POLICIES = {
     "fixed": ("experts.policy=fixed", "model.num_experts=10"),
@@ -51,11 +56,33 @@ def variants(scenario: str) -> list[suite.Variant]:
     out.append(suite.Variant(f"moe-fixed+softmax-{scenario}",
                              ("strategy=moe", *POLICIES["fixed"], "replay.mem_size=0",
                               f"scenario={scenario}")))
-    for baseline in baselines():  # replay.mem_size is refused by the methods that do not replay
+    # Each baseline's rows on its own network first, then the gate-network rows.
+    rows = [row for baseline in baselines() for row in baseline_rows(baseline)]
+    rows += [row for baseline in baselines() for row in gate_rows(baseline)]
+    for name, baseline, extra in rows:  # replay.mem_size is refused by methods that do not replay
         replay = (f"replay.mem_size={REPLAY_MEMORY}",) if _replays(baseline) else ()
-        out.append(suite.Variant(f"{baseline}-{scenario}",
-                                 (f"strategy={baseline}", f"scenario={scenario}", *replay)))
+        out.append(suite.Variant(f"{name}-{scenario}", (f"strategy={baseline}",
+                                                         f"scenario={scenario}", *replay, *extra)))
     return out
+
+
+Row = tuple[str, str, tuple[str, ...]]  # run name without the scenario, method, overrides
+
+
+def baseline_rows(baseline: str) -> list[Row]:
+    """The baseline with its strategy preset; SLDA once per feature space of the router."""
+    if key_applies(baseline, "slda.features"):
+        return [(f"{baseline}+{space}", baseline, (f"slda.features={space}",))
+                for space in ROUTER_FEATURES]
+    return [(baseline, baseline, ())]
+
+
+def gate_rows(baseline: str) -> list[Row]:
+    """A continual single-model baseline again on the gate network (about the mixture's
+    parameters); named gate-NAME so that --only NAME keeps selecting the original row alone."""
+    if METHODS[baseline].joint or not key_applies(baseline, "model.backbone"):
+        return []
+    return [(f"gate-{baseline}", baseline, ("model.backbone=gate",))]
 
 
 def table(rows: list[dict]) -> dict:
@@ -104,6 +131,13 @@ def _replays(method: str) -> bool:
     return key_applies(method, "replay.mem_size")
 
 
+def _finished_rows(summary: dict, methods: list[str], scenario: str) -> list[str]:
+    """The rows of ``methods`` in ``summary`` (every form each is compared in)."""
+    names = [f"{name}-{scenario}" for method in methods
+             for name, _, _ in (*baseline_rows(method), *gate_rows(method))]
+    return [name for name in names if name in summary]
+
+
 def _mean(summary: dict, name: str, column: str = "average_accuracy") -> float | None:
     value = summary.get(name, {}).get(column)
     return value[0] if value else None
@@ -126,11 +160,12 @@ def targets(summary: dict) -> list[str]:
     for scenario in ("class", "task"):
         moe = [n for n in summary if n.startswith("moe-") and n.endswith(f"-{scenario}")]
         best = _best(summary, [n for n in moe if "+replay" not in n])
-        baseline = _best(summary, [f"{b}-{scenario}" for b in no_replay])
+        baseline = _best(summary, _finished_rows(summary, no_replay, scenario))
         if scenario == "class" and best and baseline:
             verdict = "met" if best[1] > baseline[1] else "NOT met"
+            compared = [b for b in no_replay if _finished_rows(summary, [b], scenario)]
             lines.append(f"- class-incremental, no replay: best MoE {best[0]} {best[1]:.3f} vs "
-                         f"best of {'/'.join(no_replay)} {baseline[0]} {baseline[1]:.3f}: "
+                         f"best of {'/'.join(compared)} {baseline[0]} {baseline[1]:.3f}: "
                          f"{verdict}")
         best_any = _best(summary, moe)
         if scenario == "task" and best_any:
@@ -139,7 +174,7 @@ def targets(summary: dict) -> list[str]:
                          f" 0.97): {verdict}; without replay: "
                          + (f"{best[0]} {best[1]:.3f}" if best else "-"))
         with_replay = _best(summary, [n for n in moe if "+replay" in n])
-        replay = _best(summary, [f"{b}-{scenario}" for b in replaying])
+        replay = _best(summary, _finished_rows(summary, replaying, scenario))
         if with_replay and replay:
             verdict = "met" if with_replay[1] >= replay[1] else "NOT met"
             lines.append(f"- {scenario}-incremental with replay ({REPLAY_MEMORY} samples): best "

@@ -11,7 +11,7 @@ from avalanche.training import Naive, StreamingLDA
 from avalanche.training.plugins import SynapticIntelligencePlugin
 from torch import nn
 
-from moe_cl import experiment
+from moe_cl import compare, experiment
 from moe_cl.baselines import (
     BatchedStreamingLDA,
     GateClassifier,
@@ -299,3 +299,33 @@ def test_bad_settings_are_one_line_usage_errors(tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+
+def test_the_comparison_has_slda_in_each_feature_space_and_the_gate_network_rows():
+    for scenario in ("class", "task"):
+        names = [v.name for v in compare.variants(scenario)]
+        expected = [f"{n}-{scenario}" for n in (
+            "naive", "ewc", "lwf", "replay", "joint", "si", "slda+pixels", "slda+random_conv",
+            "slda+gate_trunk", "gate-naive", "gate-ewc", "gate-lwf", "gate-replay", "gate-si")]
+        assert names[-len(expected):] == expected
+        argv = {v.name: v.argv for v in compare.variants(scenario)}
+        assert "model.backbone=gate" in argv[f"gate-replay-{scenario}"]
+        assert "replay.mem_size=500" in argv[f"gate-replay-{scenario}"]
+        assert "slda.features=gate_trunk" in argv[f"slda+gate_trunk-{scenario}"]
+        assert argv[f"naive-{scenario}"] == ("strategy=naive", f"scenario={scenario}")
+
+
+def test_targets_name_the_baselines_that_have_rows():
+    def row(accuracy):
+        return {"average_accuracy": (accuracy, None)}
+
+    summary = {"moe-grow-class": row(0.21), "naive-class": row(0.18), "ewc-class": row(0.19)}
+    assert compare.targets(summary)[0] == ("- class-incremental, no replay: best MoE "
+                                           "moe-grow-class 0.210 vs best of naive/ewc ewc-class "
+                                           "0.190: met")
+    summary |= {"slda+random_conv-class": row(0.89), "gate-naive-class": row(0.2)}
+    assert compare.targets(summary)[0].endswith(
+        "best of naive/ewc/slda slda+random_conv-class 0.890: NOT met")

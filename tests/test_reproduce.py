@@ -130,9 +130,11 @@ def test_compare_states_each_target_with_its_numbers():
 
 def test_compare_lists_every_strategy_and_runs_a_subset(tmp_path):
     names = [v.name for v in compare.variants("class")]
-    assert len(names) == 5 * 2 * 2 + 1 + 5
+    baseline_rows = sum(len(compare.baseline_rows(b)) + len(compare.gate_rows(b))
+                        for b in compare.baselines())
+    assert len(names) == 5 * 2 * 2 + 1 + baseline_rows
     assert "moe-fixed+softmax-class" in names and "moe-grow_freeze+copy+ls+replay-class" in names
-    assert len(compare.variants("task")) == 6 * 2 * 2 + 1 + 5
+    assert len(compare.variants("task")) == 6 * 2 * 2 + 1 + baseline_rows
     assert "moe-grow_freeze+ls+replay-class" in names and "joint-class" in names
     args = ["tiny", "--seeds", "1", "--scenarios", "task", "--only", "moe-grow_freeze-",
             "naive", "--out", str(tmp_path)]
