@@ -4,7 +4,10 @@ baselines on a continual-learning stream, class- and task-incremental.
 Every MoE expert policy (fixed, grow, grow with frozen old experts, the same with added experts
 copied from the busiest ones, grow on demand; task-incremental also with each task routed to its
 own experts) with the attentive gate, each with and without L_s and with and without replay,
-and the unregularised original (softmax-gate) mixture with a fixed set of experts, next to
+and the unregularised original (softmax-gate) mixture with a fixed set of experts; the routed
+mixture (``routed+FEATURES``: routing that cannot forget, moe_cl.routed) in each feature space
+of its router, and in its default one also with replay, without L_s and with a cap of 6 experts
+(reuse); next to
 every method of the registry without a mixture, all with the same epochs: Avalanche's naive,
 EWC, LwF, replay, joint training and SI on the single-expert backbone; the continual ones also
 on the gate network as a classifier (``gate-NAME``: model.backbone=gate, about the mixture's
@@ -38,6 +41,11 @@ POLICIES["grow_freeze+copy"] = (*POLICIES["grow_freeze"], "experts.init=copy")
 TASK_POLICIES = {"grow_freeze+copy+route": (*POLICIES["grow_freeze+copy"],
                                             "experts.route_by_task=true")}
 REPLAY_MEMORY = 500
+DEFAULT_FEATURES = "random_conv"
+# The routed mixture in its default feature space: with a buffer, without L_s, capped (reuse).
+ROUTED_VARIANTS = {"": (), "+replay": (f"replay.mem_size={REPLAY_MEMORY}",),
+                   "+noLs": ("regularizer.ls.beta_s=0", "regularizer.ls.beta_d=0"),
+                   "+max6": ("experts.max=6",)}
 COLUMNS = ("average_accuracy", "forgetting", "task_aware_average_accuracy", "H_s", "H_u", "MI",
            "num_experts", "num_parameters", "wall_time_s")
 
@@ -56,6 +64,7 @@ def variants(scenario: str) -> list[suite.Variant]:
     out.append(suite.Variant(f"moe-fixed+softmax-{scenario}",
                              ("strategy=moe", *POLICIES["fixed"], "replay.mem_size=0",
                               f"scenario={scenario}")))
+    out += routed_variants(scenario)
     # Each baseline's rows on its own network first, then the gate-network rows.
     rows = [row for baseline in baselines() for row in baseline_rows(baseline)]
     rows += [row for baseline in baselines() for row in gate_rows(baseline)]
@@ -67,6 +76,20 @@ def variants(scenario: str) -> list[suite.Variant]:
 
 
 Row = tuple[str, str, tuple[str, ...]]  # run name without the scenario, method, overrides
+
+
+def routed_variants(scenario: str) -> list[suite.Variant]:
+    """The routed mixture in every feature space (class-incremental; the router's space does
+    not matter when the task is given) and its variants in the default one."""
+    spaces = ROUTER_FEATURES if scenario == "class" else (DEFAULT_FEATURES,)
+    rows = [(f"routed+{space}", (f"router.feature={space}",)) for space in spaces]
+    variants = ROUTED_VARIANTS if scenario == "class" else {
+        k: v for k, v in ROUTED_VARIANTS.items() if k in ("", "+replay")}
+    rows += [(f"routed+{DEFAULT_FEATURES}{tag}", (f"router.feature={DEFAULT_FEATURES}", *argv))
+             for tag, argv in variants.items() if tag]
+    return [suite.Variant(f"{name}-{scenario}", ("strategy=routed", *argv,
+                                                  f"scenario={scenario}"))
+            for name, argv in rows]
 
 
 def baseline_rows(baseline: str) -> list[Row]:
@@ -180,6 +203,40 @@ def targets(summary: dict) -> list[str]:
             lines.append(f"- {scenario}-incremental with replay ({REPLAY_MEMORY} samples): best "
                          f"MoE {with_replay[0]} {with_replay[1]:.3f} vs "
                          f"{replay[0].removesuffix(f'-{scenario}')} {replay[1]:.3f}: {verdict}")
+    return lines + routed_targets(summary)
+
+
+def routed_targets(summary: dict) -> list[str]:
+    """Issue 14's targets for the routed mixture (mean final accuracy over seeds)."""
+    lines = []
+    routed = [n for n in summary if n.startswith("routed+") and n.endswith("-class")]
+    best = _best(summary, [n for n in routed if "+replay" not in n])
+    slda = _best(summary, _finished_rows(summary, ["slda"], "class"))
+    if best and slda:
+        verdict = "met" if best[1] >= 0.88 and best[1] >= slda[1] + 0.01 else "NOT met"
+        lines.append(f"- routed, class-incremental, no stored samples: {best[0]} {best[1]:.3f} "
+                     f"(target >= 0.88 and >= best SLDA {slda[0]} {slda[1]:.3f} + 0.01): "
+                     f"{verdict}")
+    buffered = f"routed+{DEFAULT_FEATURES}+replay-class"
+    plain = f"routed+{DEFAULT_FEATURES}-class"
+    if _mean(summary, buffered) is not None and _mean(summary, plain) is not None:
+        value, without = _mean(summary, buffered), _mean(summary, plain)
+        verdict = "met" if value >= 0.89 and value > without else "NOT met"
+        lines.append(f"- routed, class-incremental, {REPLAY_MEMORY}-sample buffer: {value:.3f} "
+                     f"(target >= 0.89 and above {without:.3f} without it): {verdict}")
+    task = _best(summary, [n for n in summary if n.startswith("routed+")
+                           and n.endswith("-task")])
+    if task:
+        verdict = "met" if task[1] >= 0.98 else "NOT met"
+        lines.append(f"- routed, task-incremental: {task[0]} {task[1]:.3f} (target >= 0.98): "
+                     f"{verdict}")
+    if best and _mean(summary, best[0], "MI") is not None:
+        mi = _mean(summary, best[0], "MI")
+        collapsed = sum(summary[n]["collapsed"] or 0 for n in routed)
+        verdict = "met" if mi >= 2.0 and not collapsed else "NOT met"
+        lines.append(f"- routed, experts specialise: I(E;Y) of {best[0]} {mi:.2f} bits (target "
+                     f">= 2.0), collapsed runs among the routed rows {collapsed} (target 0): "
+                     f"{verdict}")
     return lines
 
 

@@ -128,13 +128,39 @@ def test_compare_states_each_target_with_its_numbers():
     ]
 
 
+def test_compare_states_the_routed_mixtures_targets():
+    def entry(acc, mi=None, collapsed=None):
+        return {"average_accuracy": (acc, 0.01), "MI": (mi, 0.1) if mi else None,
+                "collapsed": collapsed}
+
+    summary = {"routed+random_conv-class": entry(0.897, 2.6, 0),
+               "routed+pixels-class": entry(0.84, 2.4, 0),
+               "routed+random_conv+replay-class": entry(0.895, 2.0, 1),
+               "slda+random_conv-class": entry(0.896), "slda+pixels-class": entry(0.81),
+               "routed+random_conv-task": entry(0.984, 3.0, 0)}
+    assert compare.routed_targets(summary) == [
+        "- routed, class-incremental, no stored samples: routed+random_conv-class 0.897 "
+        "(target >= 0.88 and >= best SLDA slda+random_conv-class 0.896 + 0.01): NOT met",
+        "- routed, class-incremental, 500-sample buffer: 0.895 (target >= 0.89 and above "
+        "0.897 without it): NOT met",
+        "- routed, task-incremental: routed+random_conv-task 0.984 (target >= 0.98): met",
+        "- routed, experts specialise: I(E;Y) of routed+random_conv-class 2.60 bits (target "
+        ">= 2.0), collapsed runs among the routed rows 1 (target 0): NOT met",
+    ]
+    summary["slda+random_conv-class"] = entry(0.88)
+    summary["routed+random_conv+replay-class"] = entry(0.899, 2.1, 0)
+    assert all(line.endswith(": met") for line in compare.routed_targets(summary))
+
+
 def test_compare_lists_every_strategy_and_runs_a_subset(tmp_path):
     names = [v.name for v in compare.variants("class")]
     baseline_rows = sum(len(compare.baseline_rows(b)) + len(compare.gate_rows(b))
                         for b in compare.baselines())
-    assert len(names) == 5 * 2 * 2 + 1 + baseline_rows
+    routed = 3 + 3  # class-incremental: every feature space, then replay, no L_s, capped
+    assert len(names) == 5 * 2 * 2 + 1 + routed + baseline_rows
     assert "moe-fixed+softmax-class" in names and "moe-grow_freeze+copy+ls+replay-class" in names
-    assert len(compare.variants("task")) == 6 * 2 * 2 + 1 + baseline_rows
+    assert "routed+gate_trunk-class" in names and "routed+random_conv+max6-class" in names
+    assert len(compare.variants("task")) == 6 * 2 * 2 + 1 + 2 + baseline_rows
     assert "moe-grow_freeze+ls+replay-class" in names and "joint-class" in names
     args = ["tiny", "--seeds", "1", "--scenarios", "task", "--only", "moe-grow_freeze-",
             "naive", "--out", str(tmp_path)]
