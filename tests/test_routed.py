@@ -312,3 +312,25 @@ def test_a_checkpoint_inside_an_experience_restores_what_trains(gate):
     fresh.load_state_dict(state)
     assert sorted(n for n, p in fresh.named_parameters() if p.requires_grad) == trainable
     assert trainable and all(".groups.1." in n or ".heads.1." in n for n in trainable)
+
+
+def test_split_cifar100_runs_the_routed_mixture_from_files_in_the_real_format(tmp_path):
+    """The default split CIFAR-100 strategy end to end on synthetic CIFAR-100 pickles (the real
+    set is GPU work; two experiences keep it short on a CPU): the second experience adds its
+    experts, the router keeps 100 classes' means in its 2,400 features."""
+    import json
+
+    from moe_cl.run import main
+    from tests.datafiles import write_cifar100_like
+
+    write_cifar100_like(tmp_path / "data", n_train=200, n_test=100, seed=0)
+    out = tmp_path / "run"
+    code = main(["benchmark=split_cifar100", "strategy=routed", f"data.root={tmp_path / 'data'}",
+                 "data.n_experiences=2", "train.epochs=1", f"out_dir={out}",
+                 "logging.interactive=false", "logging.tensorboard=false",
+                 "logging.figures=false"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete" and results["num_experts"] == 4 + 2
+    assert results["statistics_bytes"] == 8 * (100 + 100 * 2400 + 2400 * 2400)
+    assert results["router_error"] is not None
