@@ -31,6 +31,7 @@ from moe_cl.model_options import (
     ExpertPolicy,
     RouterOptions,
 )
+from moe_cl.precision import PRECISIONS
 from moe_cl.run_folder import USAGE_ERROR
 
 DEFAULT_BENCHMARK = "split_fmnist"
@@ -70,6 +71,11 @@ class TrainConfig:
     # A measurement, not a setting: the train error as the paper's reference code measures it
     # (a second no-grad forward after each optimiser step), results.json's train_error_reference.
     reference_train_error: bool = False
+    # fp32 | tf32 (CUDA only) | bf16 (autocast; softmax, mixture, losses and metrics stay
+    # float32): moe_cl.precision. Mixture methods only.
+    precision: str = "fp32"
+    # torch.compile of the mixture's forward pass (growth recompiles it). Mixture methods only.
+    compile: bool = False
 
 
 @dataclass
@@ -168,6 +174,7 @@ class RunConfig:
 # Each choice comes from the module that implements it.
 CHOICES: dict[str, Collection[str]] = {
     "data.stream": BENCHMARK_NAMES,
+    "train.precision": PRECISIONS,
     "method": METHODS.keys(),
     "device": ("auto", "cpu", "cuda"),
     "scenario": SCENARIOS,

@@ -347,7 +347,8 @@ def distill(run: Run, experience) -> MoEStrategy:
                                reference_train_error=cfg.train.reference_train_error),
                            evaluator=run.evaluator,
                            batch_augment=run.bundle.batch_augment, fast_data=cfg.train.fast_data,
-                           eval_top_k=cfg.eval.top_k)
+                           eval_top_k=cfg.eval.top_k, precision=cfg.train.precision,
+                           compile_model=cfg.train.compile)
     strategy.train(experience, eval_streams=[])
     return strategy
 

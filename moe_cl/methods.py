@@ -145,7 +145,8 @@ def moe_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBundl
     if cfg.replay.mem_size > 0:
         plugins.append(ReplayPlugin(mem_size=cfg.replay.mem_size))
     return MoEStrategy(**{**common, "plugins": plugins}, batch_augment=bundle.batch_augment,
-                       fast_data=cfg.train.fast_data, eval_top_k=cfg.eval.top_k)
+                       fast_data=cfg.train.fast_data, eval_top_k=cfg.eval.top_k,
+                       precision=cfg.train.precision, compile_model=cfg.train.compile)
 
 
 def _log_likelihood():
@@ -212,7 +213,8 @@ def slda_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBund
 
 BACKBONE = "on the single-expert backbone (model.backbone=gate: the gate network)"
 SINGLE_MODEL_KEYS = ("model.backbone",)
-MIXTURE_KEYS = ("model.num_experts", "model.gate", "model.output", "regularizer.", "replay.")
+MIXTURE_KEYS = ("model.num_experts", "model.gate", "model.output", "regularizer.", "replay.",
+                "train.precision", "train.compile")
 # The expert policy's keys; the cap and the reuse distillation are the routed mixture's alone.
 ROUTED_EXPERT_KEYS = ("experts.max", "experts.reuse_distillation")
 EXPERT_KEYS = tuple(f"experts.{name}" for name in ExpertPolicy.__dataclass_fields__

@@ -29,6 +29,7 @@ from moe_cl.config import (
     reject_repeated_keys,
 )
 from moe_cl.methods import METHODS
+from moe_cl.precision import precision_problem
 from moe_cl.run_folder import (
     CONFIG,
     end_failed_run,
@@ -41,9 +42,10 @@ from moe_cl.run_folder import (
 MAIN_KEYS = (
     "seed", "device", "out_dir", "resume", "scenario", "data.root", "data.download",
     "data.n_experiences", "train.epochs", "train.batch_size", "train.lr", "train.weight_decay",
-    "train.fast_data", "model.architecture", "model.num_experts", "model.gate", "model.output",
-    "experts.policy", "experts.per_experience", "experts.freeze_old", "experts.threshold",
-    "experts.init", "experts.route_by_task", "regularizer.importance", "regularizer.ls.beta_s",
+    "train.fast_data", "train.precision", "train.compile", "model.architecture",
+    "model.num_experts", "model.gate", "model.output", "experts.policy",
+    "experts.per_experience", "experts.freeze_old", "experts.threshold", "experts.init",
+    "experts.route_by_task", "regularizer.importance", "regularizer.ls.beta_s",
     "regularizer.ls.beta_d", "regularizer.ls.scaling", "replay.mem_size", "distill.epochs",
     "distill.teacher", "eval.top_k", "logging.interactive", "logging.tensorboard", "logging.csv",
 )
@@ -66,16 +68,16 @@ def help_text() -> str:
     lines += ["", "methods (each strategy preset names one; method=NAME overrides it):"]
     lines += [f"  {m.name:<22}{m.description}" for m in METHODS.values()]
     lines += ["", "main keys (any key of config.yaml can be set with dotted.key=value):"]
-    return "\n".join([*lines, *_columns([_key_hint(key) for key in MAIN_KEYS])])
+    defaults = OmegaConf.structured(RunConfig)  # built once: it takes tens of milliseconds
+    return "\n".join([*lines, *_columns([_key_hint(key, defaults) for key in MAIN_KEYS])])
 
 
-def _key_hint(key: str) -> str:
+def _key_hint(key: str, defaults: DictConfig) -> str:
     if key in PLACEHOLDERS:
         return f"{key}={PLACEHOLDERS[key]}"
     if key in CHOICES:
         return f"{key}={'|'.join(CHOICES[key])}"
-    default = OmegaConf.select(OmegaConf.structured(RunConfig), key)
-    return f"{key}={yaml.safe_dump(default).splitlines()[0]}"
+    return f"{key}={yaml.safe_dump(OmegaConf.select(defaults, key)).splitlines()[0]}"
 
 
 def _columns(cells: list[str], width: int = 28) -> list[str]:
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"out_dir: {problem}")
             if out.exists() and any(out.iterdir()):
                 raise ConfigError(f"out_dir {out} is not empty; choose another, or resume=true")
+        problem = _device_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
         from moe_cl.experiment import build_benchmark, print_summary, run_experiment
 
         bundle = build_benchmark(cfg)  # data errors surface before any folder is made
@@ -168,6 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         code, message = end_failed_run(err, out, made)  # raises err again if it is a bug
         print(f"error: {message}", file=sys.stderr)
         return code
+
+
+def _device_problem(cfg: DictConfig) -> str | None:
+    """What the run's device cannot do of its settings (train.precision), found before data or
+    Avalanche load; torch is imported only to ask about a precision other than fp32."""
+    if cfg.train.precision == "fp32":
+        return None
+    import torch
+
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return precision_problem(cfg.train.precision, "cuda" if cuda else "cpu")
 
 
 def _resume_value(argv: list[str]) -> bool | str:

@@ -1,14 +1,16 @@
 """``MoEStrategy``: Avalanche's ``SupervisedTemplate`` for mixtures of experts.
 
 It adds to the template only what a mixture needs: the mixture's loss (expectation or
-stochastic), optional top-k inference, per-batch augmentation on the device, and the fast tensor
-data path. Regularisers, growth and routing metrics stay plugins and modules, so they compose
+stochastic), optional top-k inference, per-batch augmentation on the device, the fast tensor
+data path, the arithmetic (``precision``, :mod:`moe_cl.precision`) and ``torch.compile`` of the
+mixture. Regularisers, growth and routing metrics stay plugins and modules, so they compose
 with Avalanche's own (ReplayPlugin, EWCPlugin, LwFPlugin, ...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from avalanche.core import BasePlugin
@@ -22,6 +24,7 @@ from moe_cl.core.gates import AttentiveGate
 from moe_cl.core.losses import stochastic_nll
 from moe_cl.data import Batch, TensorBatches, dataset_tensors, has_transforms
 from moe_cl.models import MixtureOfExperts, routing_output
+from moe_cl.precision import Precision, precision_problem
 from moe_cl.routed import RoutedMixture, RouterUpdate
 
 
@@ -36,6 +39,13 @@ class MoEStrategy(SupervisedTemplate):
         ``batch_augment`` for augmentation on the fast path).
     :param eval_top_k: at evaluation, mix only the k experts with the largest gate values and
         compute only those (needs a softmax or distilled gate).
+    :param precision: ``fp32``, ``tf32`` (CUDA: matmuls and convolutions in TensorFloat-32) or
+        ``bf16`` (forward passes under ``torch.autocast`` in bfloat16; the gate's softmax, the
+        mixture, the losses and the metrics stay float32), in training and evaluation alike.
+        A precision the device lacks is a ``ValueError`` (``moe_cl.precision.precision_problem``).
+    :param compile_model: ``torch.compile`` the mixture's forward pass (the bank and the gate) in
+        place; growth changes the modules, so the next forward compiles again. Parameter names
+        and checkpoints are unchanged.
     """
 
     def __init__(
@@ -53,10 +63,15 @@ class MoEStrategy(SupervisedTemplate):
         batch_augment: Callable[[Tensor], Tensor] | None = None,
         fast_data: bool = True,
         eval_top_k: int | None = None,
+        precision: Precision = "fp32",
+        compile_model: bool = False,
     ) -> None:
         if not isinstance(model, MixtureOfExperts):
             raise TypeError(f"model must be a moe_cl MixtureOfExperts, got {type(model).__name__}")
         _check_online_ewc(model, plugins or [])
+        problem = precision_problem(precision, torch.device(device).type)
+        if problem:
+            raise ValueError(problem)
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -72,14 +87,40 @@ class MoEStrategy(SupervisedTemplate):
         self.batch_augment = batch_augment
         self.fast_data = fast_data
         self.eval_top_k = eval_top_k
+        self.precision = precision
         self._eval_cache: dict[int, tuple[object, Batch]] = {}
+        if compile_model:
+            model.core.compile()
+
+    # -- precision
+
+    def train(self, experiences, eval_streams=None, **kwargs):
+        with self._float32_mode():
+            return super().train(experiences, eval_streams, **kwargs)
+
+    def eval(self, exp_list, **kwargs):
+        with self._float32_mode():
+            return super().eval(exp_list, **kwargs)
+
+    def _float32_mode(self) -> AbstractContextManager:
+        """CUDA's float32 matmuls and convolutions in TF32 for ``tf32``, in IEEE float32 else
+        (torch's default runs convolutions in TF32); nothing to set on other devices."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        return cuda_tf32(self.precision == "tf32")
+
+    def _autocast(self) -> AbstractContextManager:
+        if self.precision != "bf16":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # -- model
 
     def forward(self) -> Tensor:
-        if self.eval_top_k is not None and not self.is_training:
-            return self.model.forward_top_k(self.mb_x, self.eval_top_k, self.mb_task_id)
-        return self.model(self.mb_x, self.mb_task_id)
+        with self._autocast():
+            if self.eval_top_k is not None and not self.is_training:
+                return self.model.forward_top_k(self.mb_x, self.eval_top_k, self.mb_task_id)
+            return self.model(self.mb_x, self.mb_task_id)
 
     def criterion(self) -> Tensor:
         out = routing_output(self.model)
@@ -125,6 +166,19 @@ class MoEStrategy(SupervisedTemplate):
             entry = (source, tuple(t.to(self.device) for t in tensors))
             self._eval_cache[id(source)] = entry
         return entry[1]
+
+
+@contextmanager
+def cuda_tf32(enabled: bool) -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions of float32 tensors in TF32 (or not) inside the
+    block, torch's settings as they were after it."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 def _with_router_update(model: MixtureOfExperts, plugins: Sequence[BasePlugin]) -> list:

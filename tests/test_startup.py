@@ -16,11 +16,13 @@ BAD_COMMANDS = [
     ["strategy=nope"],
     ["train.epochz=1"],
     ["model.gate=linear"],
+    ["train.precision=fp16"],
     ["train.epochs=-1"],
     ["train.epochs=1", "train.epochs=2"],
     ["notakeyvalue"],
     ["train=3"],
     ["strategy=naive", "regularizer.importance=1"],
+    ["strategy=naive", "train.precision=bf16"],
     ["benchmark=paper_fmnist", "data.n_experiences=5"],
     ["benchmark=tiny", "seed=-1"],
 ]
@@ -37,6 +39,7 @@ def _loaded_after(code: str) -> tuple[list[str], list[str]]:
 def test_help_imports_neither_torch_nor_avalanche():
     lines, loaded = _loaded_after("from moe_cl.run import main\nmain(['--help'])")
     assert lines[0].startswith("usage: python -m moe_cl.run")
+    assert any("train.precision=fp32|tf32|bf16" in line for line in lines)
     assert loaded == []
 
 

@@ -261,6 +261,11 @@ class ExpertGroup(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' floating-point type."""
+        return next(self.parameters()).dtype
+
     # -- freezing
 
     def freeze(self) -> None:
@@ -423,12 +428,16 @@ class ExpertBank(nn.Module):
         return offsets
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Every expert on every sample: logits [N, M, K], hidden [N, M, H]."""
+        """Every expert on every sample: logits [N, M, K], hidden [N, M, H], in the parameters'
+        precision (under autocast the layers compute in a lower one)."""
         check_input(x, self.spec.input_shape)
         outs = [group(x) for group in self.groups]
         if len(outs) == 1:
-            return outs[0]
-        return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
+            logits, hidden = outs[0]
+        else:
+            logits, hidden = torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
+        dtype = self.groups[0].dtype
+        return logits.to(dtype), hidden.to(dtype)
 
     def forward_selected(self, x: Tensor, sample_index: Tensor, expert_index: Tensor) -> Tensor:
         """Logits of expert ``expert_index[p]`` on sample ``sample_index[p]`` for each pair p.
@@ -460,6 +469,12 @@ class ExpertBank(nn.Module):
             out, _ = group(padded, active)
             logits[pair_ids] = out[slot_expert, position]
         return logits
+
+
+def autocast_off(t: Tensor) -> torch.autocast:
+    """A block where autocast is off on t's device: what runs in it keeps the precision of its
+    inputs (the gate's scores and softmax, the mixture and its logarithm under ``bf16``)."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -10,6 +10,10 @@ sample's routing to some experts. ``gate.scores(x, expert_hidden)`` gives the sc
 softmax, for routings that normalise over groups of experts (``moe_cl.core.experience_routing``).
 ``needs_expert_hidden`` says whether the second argument is read (the softmax gate can route
 before any expert runs, which top-k needs).
+
+Under autocast (``train.precision=bf16``) only the gate's network runs in the lower precision:
+the scores (the output layer, or the query, the keys and their products) and the softmax are
+computed in the parameters' precision.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from moe_cl.core.bank import autocast_off
 
 
 class SoftmaxGate(nn.Module):
@@ -70,7 +76,9 @@ class SoftmaxGate(nn.Module):
                 f"gate network gives {z.shape[-1]} features, the gate expects features="
                 f"{self.features}"
             )
-        return torch.cat([head(z) for head in self.heads], dim=-1)
+        with autocast_off(z):
+            z = z.to(self.heads[0].weight.dtype)
+            return torch.cat([head(z) for head in self.heads], dim=-1)
 
     def scores(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
         """Routing scores z(x) / T before the softmax, [B, M]."""
@@ -108,9 +116,11 @@ class AttentiveGate(nn.Module):
                 f"experts' hidden vectors have size {expert_hidden.shape[-1]}, expected "
                 f"hidden_size={self.hidden_size}"
             )
-        q = self.query(h_gate)  # [B, H]
-        k = self.key(expert_hidden)  # [B, M, H]
-        return torch.einsum("bh,bmh->bm", q, k) / math.sqrt(self.hidden_size)
+        with autocast_off(h_gate):
+            dtype = self.query.weight.dtype
+            q = self.query(h_gate.to(dtype))  # [B, H]
+            k = self.key(expert_hidden.to(dtype))  # [B, M, H]
+            return torch.einsum("bh,bmh->bm", q, k) / math.sqrt(self.hidden_size)
 
     def scores(self, x: Tensor, expert_hidden: Tensor | None = None) -> Tensor:
         """Routing scores before the softmax: the attention scores, [B, M]."""

@@ -1,6 +1,8 @@
 """The mixture: a gate over an expert bank, returning everything one forward pass knows.
 
-Losses and routing metrics read :class:`MoEOutput` instead of running the model again.
+Losses and routing metrics read :class:`MoEOutput` instead of running the model again. Under
+autocast (``train.precision=bf16``) the experts' and the gate's networks compute in the lower
+precision; everything in :class:`MoEOutput` is computed and kept in the parameters' precision.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moe_cl.core.bank import ExpertBank, check_input
+from moe_cl.core.bank import ExpertBank, autocast_off, check_input
 from moe_cl.core.choices import OUTPUTS, OutputMode
 from moe_cl.core.gates import AttentiveGate, Gate
 
@@ -117,15 +119,17 @@ class MixtureOfExpertsCore(nn.Module):
         check_input(x, self.bank.spec.input_shape)
         logits, hidden = self.bank(x)
         gate = self.gate(x, hidden, expert_mask)
-        expert_log_probs = masked_log_softmax(logits, class_mask)
-        selected = gate.argmax(-1)
-        rows = torch.arange(len(x), device=x.device)
-        if self.output == "expectation":
-            mixture = torch.einsum("bm,bmk->bk", gate, expert_log_probs.exp())
-            log_probs = torch.log(mixture + EPS)
-        else:
-            chosen = torch.multinomial(gate.detach(), 1).squeeze(1) if self.training else selected
-            log_probs = expert_log_probs[rows, chosen]
+        with autocast_off(logits):
+            expert_log_probs = masked_log_softmax(logits, class_mask)
+            selected = gate.argmax(-1)
+            rows = torch.arange(len(x), device=x.device)
+            if self.output == "expectation":
+                mixture = torch.einsum("bm,bmk->bk", gate, expert_log_probs.exp())
+                log_probs = torch.log(mixture + EPS)
+            else:
+                chosen = (torch.multinomial(gate.detach(), 1).squeeze(1) if self.training
+                          else selected)
+                log_probs = expert_log_probs[rows, chosen]
         return MoEOutput(log_probs, gate, expert_log_probs, hidden, selected)
 
     @torch.no_grad()
@@ -148,6 +152,7 @@ class MixtureOfExpertsCore(nn.Module):
         mask = None
         if class_mask is not None:
             mask = class_mask if class_mask.dim() == 1 else class_mask[samples]
-        each = masked_log_softmax(logits, mask).view(len(x), k, -1)  # gate order: [:, 0] first
-        mixture = torch.einsum("bk,bkc->bc", weights, each.exp())
+        with autocast_off(logits):
+            each = masked_log_softmax(logits, mask).view(len(x), k, -1)  # gate order: [:, 0] 1st
+            mixture = torch.einsum("bk,bkc->bc", weights, each.exp())
         return MoEOutput(torch.log(mixture + EPS), gate, None, None, top_experts[:, 0], each[:, 0])
