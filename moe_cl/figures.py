@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from moe_cl.run_folder import atomic_write  # noqa: E402
+
 
 def expert_class_heatmap(
     counts: Sequence[Sequence[float]],
@@ -105,9 +107,9 @@ def figure_to_image_tensor(fig: Figure) -> torch.Tensor:
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    """Write a PNG through a temporary file so a killed run never leaves half an image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    """Write a PNG whole or not at all (run_folder.atomic_write: a killed run never leaves half
+    an image, two writers never share a temporary file, a full disk is a NoSpaceError)."""
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
+    finally:
+        plt.close(fig)

@@ -1,15 +1,27 @@
-"""The run folder's contract: atomic writes, a failed run's marks, what a failed command
-leaves behind, exit codes."""
+"""The run folder's contract: atomic writes, a full disk, the lock, a failed run's marks, what
+a failed command leaves behind, exit codes."""
 
+import errno
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from moe_cl import run_folder
 from moe_cl.run_folder import (
+    LOCK,
+    NO_SPACE,
     NON_FINITE_LOSS,
     USAGE_ERROR,
+    FolderInUse,
+    NoSpaceError,
+    RunLock,
+    claim_folder,
     discard_if_empty,
     end_failed_run,
     exit_code,
@@ -103,3 +115,123 @@ def test_failures_end_with_their_exit_code_and_bugs_are_raised(tmp_path):
     assert run.is_dir()  # a stopped run is kept (its logs say what happened)
     with pytest.raises(TypeError):
         end_failed_run(TypeError("a bug"), run, made)
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def _fills_the_disk_after(handle, data: bytes) -> None:
+    handle.write(data)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    run_folder.atomic_write_text(path, "experience 1")
+    with pytest.raises(NoSpaceError) as error:
+        run_folder.atomic_write(path, lambda handle: _fills_the_disk_after(handle, b"experi"))
+    message = str(error.value)
+    assert str(path) in message and "no space left" in message
+    assert re.search(r"\(\d+(\.\d)? (bytes|kB|MB|GB|TB) free on its file system\)", message)
+    assert path.read_text() == "experience 1"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+    assert exit_code(error.value) == NO_SPACE
+
+
+def test_a_full_disk_behind_another_error_is_recognised(tmp_path):
+    """torch's serializer reports the OSError as a RuntimeError whose context it is."""
+
+    def serializer(handle):
+        try:
+            _fills_the_disk_after(handle, b"")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+    with pytest.raises(NoSpaceError, match="no space left"):
+        run_folder.atomic_write(tmp_path / "checkpoint.pt", serializer)
+    assert list(tmp_path.iterdir()) == []
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "logs" / "log.txt"))
+    code, message = end_failed_run(quota, tmp_path, None)  # a write outside atomic_write
+    assert code == NO_SPACE and "log.txt: disk quota exceeded" in message
+    assert message.endswith("no experience had finished")
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def _lock_of(folder: Path, **record) -> None:
+    (folder / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                           "since": "2026-01-01 00:00:00", **record}))
+
+
+@pytest.fixture
+def live_process():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_a_claimed_folder_names_its_holder_and_is_released(tmp_path):
+    run = tmp_path / "suite" / "run"
+    lock = claim_folder(run)
+    assert lock.made == tmp_path / "suite"
+    record = json.loads((run / LOCK).read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    with pytest.raises(FileExistsError):  # created only where there is none
+        os.open(run / LOCK, os.O_CREAT | os.O_EXCL)
+    (run / "config.yaml").write_text("method: moe\n")
+    lock.release()
+    assert not (run / LOCK).exists() and (run / "config.yaml").exists()  # a run: kept
+    lock = claim_folder(run)
+    assert lock.made is None
+    discard_if_empty(run, tmp_path / "suite")  # a failed start: nothing worth keeping
+    assert (run / LOCK).exists() and not (run / "config.yaml").exists()
+    RunLock(run, tmp_path / "suite").release()  # the folders it made go with the lock
+    assert not (tmp_path / "suite").exists()
+
+
+def test_a_live_holder_is_refused_and_a_gone_one_taken_over(tmp_path, live_process, capsys):
+    _lock_of(tmp_path, pid=live_process.pid, slurm_job="77")
+    with pytest.raises(FolderInUse) as refused:
+        claim_folder(tmp_path)
+    message = str(refused.value)
+    assert f"in use by process {live_process.pid} on {socket.gethostname()}" in message
+    assert "SLURM job 77" in message and f"delete {tmp_path / LOCK}" in message
+    assert exit_code(refused.value) == USAGE_ERROR
+    live_process.kill()
+    live_process.wait()
+    (tmp_path / ".results.json.123-abcd.tmp").write_text("half")  # left by a killed writer
+    claim_folder(tmp_path, echo=print).release()
+    assert f"taking over the lock of process {live_process.pid}" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_which_locks_are_stale(tmp_path, monkeypatch):
+    _lock_of(tmp_path)  # this very pid, not held: a restarted container
+    claim_folder(tmp_path, echo=lambda _: None).release()
+    _lock_of(tmp_path, host="elsewhere", pid=1)  # another machine: cannot be checked
+    with pytest.raises(FolderInUse, match="on elsewhere"):
+        claim_folder(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _lock_of(tmp_path, host="elsewhere", pid=1, slurm_job="42", slurm_restart=1)
+    with pytest.raises(FolderInUse):  # the same start of the job, on another node
+        claim_folder(tmp_path)
+    _lock_of(tmp_path, host="elsewhere", pid=1, slurm_job="42", slurm_restart=0)
+    claim_folder(tmp_path, echo=lambda _: None).release()  # its start before the requeue
+    (tmp_path / LOCK).write_text("")
+    with pytest.raises(FolderInUse, match="cannot be read"):
+        claim_folder(tmp_path)
+
+
+def test_starting_anew_removes_only_what_a_run_writes(tmp_path):
+    for name in ("config.yaml", "logs/log.txt", "figures/a.png", ".results.json.1-ab.tmp",
+                 LOCK):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert run_folder.holds_only_run_files(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert not run_folder.holds_only_run_files(tmp_path)
+    run_folder.start_anew(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK, "notes.txt"]
