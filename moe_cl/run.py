@@ -1,7 +1,9 @@
 """``python -m moe_cl.run benchmark=NAME strategy=NAME [key=value ...]``: one experiment.
 
 Exit codes: 0 done; 2 usage error (unknown preset or key, wrong type or value, missing or
-corrupt data, unusable checkpoint); 3 training stopped on a NaN or infinite loss.
+corrupt data, unusable checkpoint, a run folder in use by another process); 3 training stopped
+on a NaN or infinite loss; 4 no space left to write a file (the previous one is kept: free
+space, then continue with resume=).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from moe_cl.config import (
     RunConfig,
     changed_settings,
     compose,
+    default_strategy,
     load_saved,
     merge_overrides,
     preset_description,
@@ -32,10 +35,17 @@ from moe_cl.methods import METHODS
 from moe_cl.precision import precision_problem
 from moe_cl.run_folder import (
     CONFIG,
+    LOCK,
+    NO_SPACE,
+    RunLock,
+    claim_folder,
     end_failed_run,
     folder_is_complete,
     folder_problem,
-    make_folder,
+    has_checkpoint,
+    holds_only_run_files,
+    out_of_space,
+    start_anew,
 )
 
 # The keys --help shows: with their choices (config.CHOICES), a placeholder, or their default.
@@ -53,6 +63,11 @@ PLACEHOLDERS = {"out_dir": "PATH", "resume": "true|RUN_FOLDER", "distill.teacher
 HELP_WIDTH = 96
 
 
+def _default_note(benchmark: str) -> str:
+    strategy = default_strategy(benchmark)
+    return f" [strategy {strategy}]" if strategy != DEFAULT_STRATEGY else ""
+
+
 def help_text() -> str:
     lines = [
         "usage: python -m moe_cl.run [benchmark=NAME] [strategy=NAME] [key=value ...]",
@@ -62,8 +77,9 @@ def help_text() -> str:
         "",
         f"benchmarks (default {DEFAULT_BENCHMARK}):",
     ]
-    lines += [f"  {n:<22}{preset_description('benchmark', n)}" for n in preset_names("benchmark")]
-    lines += ["", f"strategies (default {DEFAULT_STRATEGY}):"]
+    lines += [f"  {n:<22}{preset_description('benchmark', n)}{_default_note(n)}"
+              for n in preset_names("benchmark")]
+    lines += ["", f"strategies (default {DEFAULT_STRATEGY}, unless the benchmark names one):"]
     lines += [f"  {n:<22}{preset_description('strategy', n)}" for n in preset_names("strategy")]
     lines += ["", "methods (each strategy preset names one; method=NAME overrides it):"]
     lines += [f"  {m.name:<22}{m.description}" for m in METHODS.values()]
@@ -111,9 +127,39 @@ def _resume_folder(cfg: DictConfig) -> Path:
         if not unfinished:
             raise ConfigError(f"resume=true: no unfinished run of seed {cfg.seed} under {parent}")
         folder = unfinished[-1]
-    if not (folder / CONFIG).exists():
-        raise ConfigError(f"resume: {folder} is not a run folder (no config.yaml)")
     return folder
+
+
+def _check_folder(out: Path, cfg: DictConfig | None, resuming: bool) -> None:
+    """A new run needs an empty folder. A run to resume needs its config.yaml, unless the
+    command gives the settings and the folder holds nothing but what a run writes before its
+    first checkpoint (or nothing at all): that run never got going and starts now."""
+    if not resuming:
+        if out.exists() and any(p.name != LOCK for p in out.iterdir()):
+            raise ConfigError(f"out_dir {out} is not empty; choose another, or resume=true")
+    elif not (out / CONFIG).exists() and (cfg is None or has_checkpoint(out)
+                                          or not holds_only_run_files(out)):
+        raise ConfigError(f"resume: {out} is not a run folder (no config.yaml)")
+
+
+def _resumed_settings(out: Path, cfg: DictConfig | None, argv: list[str]) -> DictConfig:
+    """The run's saved settings (the command may repeat them, and change only logging), or the
+    command's own for a run that never wrote them."""
+    if not (out / CONFIG).exists():
+        return cfg
+    saved = load_saved(out / CONFIG)
+    if cfg is not None:
+        _check_same_config(saved, cfg)
+    return merge_overrides(saved, [a for a in argv if a.startswith("logging.")])
+
+
+def _claim(out: Path) -> RunLock:
+    try:
+        return claim_folder(out)
+    except OSError as err:
+        if out_of_space(err) is not None:
+            raise
+        raise ConfigError(f"cannot create the run folder {out}: {err.strerror}") from None
 
 
 RESUME_KEYS = ("resume=", "out_dir=", "logging.")
@@ -134,45 +180,44 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return 0
-    made: Path | None = None
+    lock: RunLock | None = None
     out = Path(".")
     try:
         reject_repeated_keys(argv)
         resume_only = _asks_to_resume(argv) and all(a.startswith(RESUME_KEYS) for a in argv)
         cfg = None if resume_only else compose(argv)
-        if resume_only or (cfg is not None and cfg.resume not in (False, "false")):
-            probe = cfg if cfg is not None else _resume_probe(argv)
-            out = _resume_folder(probe)
-            saved = load_saved(out / CONFIG)
-            if cfg is not None:
-                _check_same_config(saved, cfg)
-            logging = [a for a in argv if a.startswith("logging.")]
-            cfg, resume = merge_overrides(saved, logging), True
-        else:
-            out, resume = _run_folder(cfg), False
-            problem = folder_problem(out, writable=True)
-            if problem:
-                raise ConfigError(f"out_dir: {problem}")
-            if out.exists() and any(out.iterdir()):
-                raise ConfigError(f"out_dir {out} is not empty; choose another, or resume=true")
+        resuming = resume_only or cfg.resume not in (False, "false")
+        out = (_resume_folder(cfg if cfg is not None else _resume_probe(argv)) if resuming
+               else _run_folder(cfg))
+        problem = folder_problem(out, writable=True)
+        if problem:
+            raise ConfigError(f"{'resume' if resuming else 'out_dir'}: {problem}")
+        lock = _claim(out)  # first: a folder in use is named as such
+        _check_folder(out, cfg, resuming)
+        if resuming:
+            cfg = _resumed_settings(out, cfg, argv)
+        resume = has_checkpoint(out)
+        if not resume:
+            start_anew(out)  # what a start that finished no experience left
         problem = _device_problem(cfg)
         if problem:
             raise ConfigError(problem)
         from moe_cl.experiment import build_benchmark, print_summary, run_experiment
 
-        bundle = build_benchmark(cfg)  # data errors surface before any folder is made
-        try:
-            made = make_folder(out)
-        except OSError as err:
-            raise ConfigError(f"cannot create the run folder {out}: {err.strerror}") from None
+        bundle = build_benchmark(cfg)
         print(f"run folder: {out}")
         results = run_experiment(cfg, out, resume=resume, bundle=bundle)
         print_summary(results)
         return 0
     except Exception as err:
-        code, message = end_failed_run(err, out, made)  # raises err again if it is a bug
+        code, message = end_failed_run(err, out, lock.made if lock else None)  # raises a bug
+        if code == NO_SPACE:
+            message += f"; free space, then continue with resume={out}"
         print(f"error: {message}", file=sys.stderr)
         return code
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _device_problem(cfg: DictConfig) -> str | None:
@@ -206,7 +251,8 @@ def _resume_probe(argv: list[str]) -> DictConfig:
     """A minimal config holding only resume and out_dir, to find the run folder."""
     values = dict(a.split("=", 1) for a in argv if a.startswith("out_dir="))
     return DictConfig({"resume": _resume_value(argv), "out_dir": values.get("out_dir"),
-                       "benchmark": DEFAULT_BENCHMARK, "strategy": DEFAULT_STRATEGY, "seed": 0})
+                       "benchmark": DEFAULT_BENCHMARK,
+                       "strategy": default_strategy(DEFAULT_BENCHMARK), "seed": 0})
 
 
 if __name__ == "__main__":

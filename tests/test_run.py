@@ -1,8 +1,11 @@
 """The run command end to end on the tiny benchmark: outputs, determinism, errors, resume."""
 
+import errno
+import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +16,7 @@ import torch
 from PIL import Image
 
 from moe_cl.run import main
+from moe_cl.run_folder import LOCK
 
 FAST = ["logging.interactive=false", "logging.tensorboard=false"]
 VOLATILE = {"wall_time_s", "config", "figures"}
@@ -340,3 +344,107 @@ def test_truncated_data_file_is_a_usage_error_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_two_runs_in_one_folder_at_once_end_cleanly(tmp_path):
+    """Before the lock, one of them died in a race on a temporary file both wrote."""
+    out = tmp_path / "same"
+    args = ["benchmark=tiny", "strategy=moe", f"out_dir={out}"]  # figures too: where it died
+    runs = [_cli(*args), _cli(*args)]
+    outputs = [run.communicate(timeout=300)[0].decode() for run in runs]
+    codes = [run.returncode for run in runs]
+    assert sorted(codes) == [0, 2], outputs
+    refused = outputs[codes.index(2)]
+    assert f"run folder {out} is in use by process" in refused and "Traceback" not in refused
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+    assert not list(out.rglob("*.tmp")) and not (out / LOCK).exists()
+
+
+def test_resume_starts_a_run_that_never_got_going(tmp_path, capsys):
+    """A preempted job requeued with its own command, resume=true, whenever it was stopped."""
+    args = ["benchmark=tiny", "strategy=moe", "logging.figures=false", "resume=true"]
+    code, out = _run(tmp_path, *args)  # stopped before it made its folder
+    assert code == 0
+    whole = json.loads((out / "results.json").read_text())
+    # Stopped before its first checkpoint: config.yaml, logs and the lock of a process gone.
+    (out / "checkpoint.pt").unlink()
+    (out / "results.json").unlink()
+    (out / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    assert main([f"resume={out}", *FAST]) == 0
+    assert "taking over the lock of process" in capsys.readouterr().out
+    assert _stable(json.loads((out / "results.json").read_text())) == _stable(whole)
+    assert not (out / LOCK).exists()
+    mine = tmp_path / "mine"  # a folder that is not a run's is never taken for one
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main([*FAST, *args, f"out_dir={mine}"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def _save_on_a_full_disk(save):
+    """torch.save whose file system fills after a few bytes (torch then raises a RuntimeError
+    whose context is the OSError)."""
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, handle):
+            self.handle = handle
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.handle.write(bytes(data[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    return lambda state, handle: save(state, FullDisk(handle))
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_full_disk_stops_the_run_and_resume_continues(tmp_path, capsys, monkeypatch):
+    args = ["benchmark=tiny", "strategy=moe", "logging.figures=false"]
+    assert _run(tmp_path, *args, name="whole")[0] == 0
+    real_save, saves = torch.save, []
+
+    def save(state, handle):  # the checkpoint after the second experience finds the disk full
+        saves.append(state["progress"]["completed"])
+        writer = real_save if len(saves) < 2 else _save_on_a_full_disk(real_save)
+        writer(state, handle)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, out = _run(tmp_path, *args, name="full")
+    assert code == 4 and saves == [1, 2]
+    line = _error_line(capsys)
+    assert f"cannot write {out / 'checkpoint.pt'}: no space left (" in line
+    assert "free on its file system" in line and f"resume={out}" in line
+    assert "the checkpoint of the last finished experience is kept" in line
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["completed"] == 1
+    assert not list(out.rglob("*.tmp")) and not (out / LOCK).exists()
+    assert main([f"resume={out}", *FAST]) == 0  # space freed
+    expected = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert _stable(json.loads((out / "results.json").read_text())) == _stable(expected)
+
+
+def test_a_full_disk_while_a_figure_is_drawn(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def savefig(figure, handle, **kwargs):
+        handle.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    code, out = _run(tmp_path, "benchmark=tiny", "strategy=moe")
+    assert code == 4
+    assert f"cannot write {out / 'figures' / 'expert_class_after_exp00.png'}" in _error_line(
+        capsys)
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.png"))
+    monkeypatch.undo()
+    assert main([f"resume={out}", *FAST]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete" and "figures/accuracy_matrix.png" in results["figures"]
