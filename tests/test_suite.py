@@ -4,75 +4,41 @@ by less."""
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_cl import compare, reproduce, suite
-
-FAST = ("train.epochs=1", "logging.figures=false")
-
-
-def _compare(out, *options, overrides=(), seeds=1):
-    return compare.main(["tiny", *FAST, *overrides, "--seeds", str(seeds), "--scenarios",
-                         "class", "--out", str(out), *options])
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
-def _table_files(out) -> dict:
-    return {name: (out / name).read_text() for name in ("table.md", "table.json", "runs.csv")}
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A compare folder with naive-class and ewc-class finished for seed 0."""
-    out = tmp_path_factory.mktemp("finished")
-    assert _compare(out, "--only", "naive", "ewc") == 0
-    return out
-
-
-@pytest.fixture
-def suite_out(finished, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(finished, out)
-    return out
+from tests.suite_helpers import compare_tiny, one_error_line, table_files
 
 
 def test_missing_device_is_a_usage_error_naming_the_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _compare(tmp_path, "--only", "naive", overrides=["device=cuda"]) == 2
-    line = _one_error_line(capsys)
+    assert compare_tiny(tmp_path, "--only", "naive", overrides=["device=cuda"]) == 2
+    line = one_error_line(capsys)
     assert "naive-class seed 0" in line and "no CUDA device" in line
     assert not (tmp_path / "naive-class").exists()  # nothing was written: nothing left behind
     assert not (tmp_path / "table.md").exists()
 
 
 def test_nan_loss_stops_the_suite_with_exit_3(tmp_path, capsys):
-    assert _compare(tmp_path, "--only", "naive", overrides=["train.lr=1e30"]) == 3
-    line = _one_error_line(capsys)
+    assert compare_tiny(tmp_path, "--only", "naive", overrides=["train.lr=1e30"]) == 3
+    line = one_error_line(capsys)
     assert "naive-class seed 0" in line and "loss is nan" in line
     assert not (tmp_path / "table.md").exists()
 
 
 def test_corrupt_checkpoint_is_a_usage_error_naming_the_run(suite_out, capsys):
-    before = _table_files(suite_out)
+    before = table_files(suite_out)
     run = suite_out / "naive-class" / "seed-0"
     results = run / "results.json"
     results.write_text(results.read_text().replace('"complete"', '"running"'))
     (run / "checkpoint.pt").write_bytes(b"\x80\x04not a checkpoint")
-    assert _compare(suite_out, "--only", "naive") == 2
-    line = _one_error_line(capsys)
+    assert compare_tiny(suite_out, "--only", "naive") == 2
+    line = one_error_line(capsys)
     assert "naive-class seed 0" in line and "corrupt or unsafe" in line
-    assert _table_files(suite_out) == before
+    assert table_files(suite_out) == before
 
 
 @pytest.mark.parametrize("broken", ['{"status": "compl', "", "[1, 2]", '{"no status": 1}'])
@@ -80,7 +46,7 @@ def test_unreadable_results_json_means_the_run_is_done_again(suite_out, capsys, 
     results = suite_out / "naive-class" / "seed-0" / "results.json"
     finished = json.loads(results.read_text())
     results.write_text(broken)
-    assert _compare(suite_out, "--only", "naive") == 0
+    assert compare_tiny(suite_out, "--only", "naive") == 0
     again = json.loads(results.read_text())
     assert again["status"] == "complete"
     assert again["average_accuracy"] == finished["average_accuracy"]
@@ -90,7 +56,7 @@ def test_unreadable_results_json_means_the_run_is_done_again(suite_out, capsys, 
 
 def test_unreadable_results_json_is_not_complete_for_report_only(suite_out, capsys):
     (suite_out / "ewc-class" / "seed-0" / "results.json").write_text('{"status": "comp')
-    assert _compare(suite_out, "--report-only") == 0
+    assert compare_tiny(suite_out, "--report-only") == 0
     assert set(json.loads((suite_out / "table.json").read_text())) == {"naive-class"}
 
 
@@ -102,7 +68,7 @@ def test_unreadable_results_json_is_not_complete_for_report_only(suite_out, caps
 def test_overrides_the_suite_controls_are_usage_errors(tmp_path, capsys, override, instead):
     nowhere = f"data.root={tmp_path / 'no-data'}"  # accepted, the override would fail fast
     with pytest.raises(SystemExit) as exit_:
-        _compare(tmp_path, "--only", "naive", overrides=[override, nowhere])
+        compare_tiny(tmp_path, "--only", "naive", overrides=[override, nowhere])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert override in err and instead in err
@@ -120,35 +86,35 @@ def test_reproduce_rejects_overrides_the_suite_controls(tmp_path, capsys, overri
 
 
 def test_unknown_only_is_a_usage_error_listing_the_names(suite_out, capsys):
-    before = _table_files(suite_out)
+    before = table_files(suite_out)
     for only in (["bogus"], ["naive", "bogus"]):
         with pytest.raises(SystemExit) as exit_:
-            _compare(suite_out, "--only", *only)
+            compare_tiny(suite_out, "--only", *only)
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert "--only bogus" in err and "naive, ewc, lwf, replay, joint" in err
     with pytest.raises(SystemExit):  # --only swallows what follows it
-        _compare(suite_out, "--only", "naive", "train.epochs=1")
+        compare_tiny(suite_out, "--only", "naive", "train.epochs=1")
     assert "key=value overrides go before --only" in capsys.readouterr().err
-    assert _table_files(suite_out) == before
+    assert table_files(suite_out) == before
 
 
 @pytest.mark.parametrize("seeds", ["0", "-1"])
 def test_seeds_must_be_positive(suite_out, capsys, seeds):
-    before = _table_files(suite_out)
+    before = table_files(suite_out)
     for main, benchmark in ((compare.main, "tiny"), (reproduce.main, "paper_fmnist")):
         with pytest.raises(SystemExit) as exit_:
             main([benchmark, "--seeds", seeds, "--out", str(suite_out)])
         assert exit_.value.code == 2
         assert "--seeds: must be >= 1" in capsys.readouterr().err
-    assert _table_files(suite_out) == before
+    assert table_files(suite_out) == before
 
 
 def test_report_only_without_finished_runs_is_an_error_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "table.md").write_text("keep me\n")
     for main, benchmark in ((compare.main, "tiny"), (reproduce.main, "paper_fmnist")):
         assert main([benchmark, "--report-only", "--out", str(tmp_path)]) == 2
-        assert "no finished runs in" in _one_error_line(capsys)
+        assert "no finished runs in" in one_error_line(capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
     assert (tmp_path / "table.md").read_text() == "keep me\n"
     assert compare.main(["tiny", "--report-only", "--out", str(tmp_path / "none")]) == 2
@@ -156,14 +122,14 @@ def test_report_only_without_finished_runs_is_an_error_and_writes_nothing(tmp_pa
 
 
 def test_finished_runs_of_another_benchmark_are_refused(suite_out, capsys):
-    before = _table_files(suite_out)
+    before = table_files(suite_out)
     assert compare.main(["split_mnist", "--report-only", "--out", str(suite_out)]) == 2
-    assert "holds a run of benchmark tiny, not split_mnist" in _one_error_line(capsys)
-    assert _table_files(suite_out) == before
+    assert "holds a run of benchmark tiny, not split_mnist" in one_error_line(capsys)
+    assert table_files(suite_out) == before
 
 
 def test_a_subset_run_adds_to_the_table(suite_out, capsys):
-    assert _compare(suite_out, "--only", "naive", seeds=2) == 0
+    assert compare_tiny(suite_out, "--only", "naive", seeds=2) == 0
     table = json.loads((suite_out / "table.json").read_text())
     assert set(table) == {"naive-class", "ewc-class"}
     assert table["naive-class"]["seeds"] == 2 and table["ewc-class"]["seeds"] == 1
@@ -174,26 +140,26 @@ def test_a_subset_run_adds_to_the_table(suite_out, capsys):
     text = (suite_out / "table.md").read_text()
     assert "| naive-class | 2 |" in text and "| ewc-class | 1 |" in text
     # Re-tabulating covers every finished run too, whatever --only and --seeds say.
-    assert _compare(suite_out, "--report-only", "--only", "joint") == 0
+    assert compare_tiny(suite_out, "--report-only", "--only", "joint") == 0
     assert (suite_out / "table.md").read_text() == text
 
 
 def test_method_specific_overrides_reach_only_the_runs_that_read_them(tmp_path):
     overrides = ["baseline.ewc_lambda=5"]
-    assert _compare(tmp_path, "--only", "ewc", "moe-fixed-", overrides=overrides) == 0
+    assert compare_tiny(tmp_path, "--only", "ewc", "moe-fixed-", overrides=overrides) == 0
     assert "ewc_lambda: 5" in (tmp_path / "ewc-class" / "seed-0" / "config.yaml").read_text()
     assert set(json.loads((tmp_path / "table.json").read_text())) == {"ewc-class",
                                                                      "moe-fixed-class"}
 
 
 def test_runs_made_with_other_settings_are_refused_not_mixed(suite_out, capsys):
-    before = _table_files(suite_out)
-    assert _compare(suite_out, "--only", "naive", overrides=["train.lr=0.01"]) == 2
-    line = _one_error_line(capsys)
+    before = table_files(suite_out)
+    assert compare_tiny(suite_out, "--only", "naive", overrides=["train.lr=0.01"]) == 2
+    line = one_error_line(capsys)
     assert "naive-class seed 0" in line and "train.lr: 0.001 -> 0.01" in line
-    assert _table_files(suite_out) == before
+    assert table_files(suite_out) == before
     # Where the data lie, how runs log, checkpoint cadence: not settings.
-    assert _compare(suite_out, "--only", "naive",
+    assert compare_tiny(suite_out, "--only", "naive",
                     overrides=["train.checkpoint_every_epochs=3", "logging.csv=false"]) == 0
 
 
