@@ -517,9 +517,8 @@ def _errors_in_one_line(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_launch_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "where the runs execute (the tables are written once, at the end, from every finished "
-        "run in --out)")
+    group = parser.add_argument_group("where the runs execute (the tables are written once, "
+                                      "at the end)")
     group.add_argument("--jobs", type=positive_int, default=None, metavar="K",
                        help="K runs at once, each in a worker process of this machine (CPU "
                             "threads divided among them, GPUs shared out); default 1, in this "
