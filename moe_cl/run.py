@@ -4,10 +4,15 @@ Exit codes: 0 done; 2 usage error (unknown preset or key, wrong type or value, m
 corrupt data, unusable checkpoint, a run folder in use by another process); 3 training stopped
 on a NaN or infinite loss; 4 no space left to write a file (the previous one is kept: free
 space, then continue with resume=).
+
+Under ``torchrun --nproc_per_node=N -m moe_cl.run ...`` the N processes train one run
+together (moe_cl.distributed): rank 0 claims and writes the run folder and prints; the others
+follow it, write nothing and end with its exit code.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,13 +137,15 @@ def _resume_folder(cfg: DictConfig) -> Path:
 
 def _check_folder(out: Path, cfg: DictConfig | None, resuming: bool) -> None:
     """A new run needs an empty folder. A run to resume needs its config.yaml, unless the
-    command gives the settings and the folder holds nothing but what a run writes before its
-    first checkpoint (or nothing at all): that run never got going and starts now."""
+    command gives the settings with resume=true (not a folder to resume: a typo there is an
+    error) and the folder holds nothing but what a run writes before its first checkpoint, or
+    nothing at all: that run never got going and starts now."""
     if not resuming:
         if out.exists() and any(p.name != LOCK for p in out.iterdir()):
             raise ConfigError(f"out_dir {out} is not empty; choose another, or resume=true")
-    elif not (out / CONFIG).exists() and (cfg is None or has_checkpoint(out)
-                                          or not holds_only_run_files(out)):
+        return
+    starts = cfg is not None and cfg.resume is True and not has_checkpoint(out)
+    if not (out / CONFIG).exists() and not (starts and holds_only_run_files(out)):
         raise ConfigError(f"resume: {out} is not a run folder (no config.yaml)")
 
 
@@ -182,10 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     lock: RunLock | None = None
     out = Path(".")
+    ranks = None
     try:
         reject_repeated_keys(argv)
         resume_only = _asks_to_resume(argv) and all(a.startswith(RESUME_KEYS) for a in argv)
         cfg = None if resume_only else compose(argv)
+        if _torchrun_rank() is not None:
+            from moe_cl.distributed import join
+
+            ranks = join(cfg)
+            if not ranks.is_main:
+                return ranks.follow()
         resuming = resume_only or cfg.resume not in (False, "false")
         out = (_resume_folder(cfg if cfg is not None else _resume_probe(argv)) if resuming
                else _run_folder(cfg))
@@ -193,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             raise ConfigError(f"{'resume' if resuming else 'out_dir'}: {problem}")
         lock = _claim(out)  # first: a folder in use is named as such
+        if ranks is not None:
+            ranks.on_abort(lock.release)  # another rank's failure ends this process
         _check_folder(out, cfg, resuming)
         if resuming:
             cfg = _resumed_settings(out, cfg, argv)
@@ -204,20 +220,33 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(problem)
         from moe_cl.experiment import build_benchmark, print_summary, run_experiment
 
-        bundle = build_benchmark(cfg)
-        print(f"run folder: {out}")
-        results = run_experiment(cfg, out, resume=resume, bundle=bundle)
+        if ranks is not None:
+            results = ranks.lead(cfg, out, resume)
+        else:
+            bundle = build_benchmark(cfg)
+            print(f"run folder: {out}")
+            results = run_experiment(cfg, out, resume=resume, bundle=bundle)
         print_summary(results)
         return 0
     except Exception as err:
+        if ranks is not None:
+            ranks.announce(err)  # first: the other ranks stop
         code, message = end_failed_run(err, out, lock.made if lock else None)  # raises a bug
         if code == NO_SPACE:
             message += f"; free space, then continue with resume={out}"
-        print(f"error: {message}", file=sys.stderr)
+        if _torchrun_rank() in (None, 0):  # every rank found it: rank 0 says it
+            print(f"error: {message}", file=sys.stderr)
         return code
     finally:
         if lock is not None:
             lock.release()
+
+
+def _torchrun_rank() -> int | None:
+    """This process's rank when torchrun (or a launcher setting its variables) started it."""
+    if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    return int(os.environ["RANK"])
 
 
 def _device_problem(cfg: DictConfig) -> str | None:

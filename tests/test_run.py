@@ -380,6 +380,10 @@ def test_resume_starts_a_run_that_never_got_going(tmp_path, capsys):
     assert main([*FAST, *args, f"out_dir={mine}"]) == 2
     assert "is not a run folder" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    typo = tmp_path / "rum"  # a folder to resume must be one
+    assert main([*FAST, *args[:-1], f"resume={typo}"]) == 2
+    assert f"resume: {typo} is not a run folder" in capsys.readouterr().err
+    assert not typo.exists()
 
 
 def _save_on_a_full_disk(save):
