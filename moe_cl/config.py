@@ -36,6 +36,8 @@ from moe_cl.run_folder import USAGE_ERROR
 
 DEFAULT_BENCHMARK = "split_fmnist"
 DEFAULT_STRATEGY = "attentive_ls"
+# A benchmark preset may name the strategy its runs use when the command line names none.
+PRESET_STRATEGY = "strategy"
 # A strategy preset may hold settings for particular benchmarks (e.g. the paper's betas).
 BY_BENCHMARK = "by_benchmark"
 
@@ -250,9 +252,15 @@ def load_preset(kind: str, name: str) -> dict:
 # ----------------------------------------------------------------------------- composition
 
 
+def default_strategy(benchmark: str) -> str:
+    """The strategy a benchmark runs when none is named: its preset's, else DEFAULT_STRATEGY."""
+    return load_preset("benchmark", benchmark).get(PRESET_STRATEGY, DEFAULT_STRATEGY)
+
+
 def split_arguments(argv: list[str]) -> tuple[str, str, list[str]]:
-    """Take ``benchmark=`` and ``strategy=`` (preset choices) out of the overrides."""
-    benchmark, strategy, rest = DEFAULT_BENCHMARK, DEFAULT_STRATEGY, []
+    """Take ``benchmark=`` and ``strategy=`` (preset choices) out of the overrides; without
+    ``strategy=`` the benchmark's default strategy."""
+    benchmark, strategy, rest = DEFAULT_BENCHMARK, None, []
     for arg in argv:
         if "=" not in arg:
             raise ConfigError(f"expected key=value, got {arg!r} (see --help)")
@@ -263,7 +271,7 @@ def split_arguments(argv: list[str]) -> tuple[str, str, list[str]]:
             strategy = value
         else:
             rest.append(arg)
-    return benchmark, strategy, rest
+    return benchmark, strategy or default_strategy(benchmark), rest
 
 
 def compose(argv: list[str]) -> DictConfig:
@@ -278,8 +286,10 @@ def compose(argv: list[str]) -> DictConfig:
     per_benchmark = strategy_preset.pop(BY_BENCHMARK, None) or {}
     if not isinstance(per_benchmark, dict):
         raise ConfigError(f"strategy preset {strategy}: {BY_BENCHMARK} must map benchmark names")
+    benchmark_preset = load_preset("benchmark", benchmark)
+    benchmark_preset.pop(PRESET_STRATEGY, None)  # a choice of preset, not a setting
     layers = [
-        ("benchmark preset " + benchmark, load_preset("benchmark", benchmark)),
+        ("benchmark preset " + benchmark, benchmark_preset),
         ("strategy preset " + strategy, strategy_preset),
         (f"strategy preset {strategy} ({BY_BENCHMARK}.{benchmark})",
          per_benchmark.get(benchmark) or {}),

@@ -37,3 +37,13 @@ def test_saved_run_configurations_still_load():
         cfg = config.load_saved(path)
         assert ExpertPolicy(**cfg.experts).policy in POLICIES
         assert OmegaConf.merge(cfg, OmegaConf.load(path)) == cfg  # every saved value kept
+
+
+def test_a_benchmark_preset_names_its_default_strategy():
+    from moe_cl.config import compose
+
+    assert compose(["benchmark=split_fmnist"]).strategy == "routed"
+    assert compose(["benchmark=split_fmnist"]).method == "routed"
+    assert compose(["benchmark=paper_fmnist"]).strategy == "attentive_ls"  # the paper's method
+    assert compose(["benchmark=split_fmnist", "strategy=naive"]).method == "naive"
+    assert "strategy" not in compose(["benchmark=split_fmnist"]).data  # a choice, not a setting
