@@ -3,15 +3,19 @@
 The CLI, the reproduction command and the benchmarks all build through these functions, so a
 configuration means the same thing everywhere. Data flow is one way: config -> benchmark,
 model, strategy with plugins, evaluator -> Avalanche's train/eval loop after every experience
--> metrics -> results.json, logs, figures and a checkpoint per experience.
+-> metrics -> results.json, logs, figures and a checkpoint per experience. Under torchrun every
+rank runs the same stages (``ranks``, :mod:`moe_cl.distributed`) and rank 0 alone reads and
+writes the run folder.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -58,6 +62,11 @@ from moe_cl.run_folder import (
     write_json,
 )
 from moe_cl.strategies import MoEStrategy
+
+if TYPE_CHECKING:
+    from moe_cl.distributed import Ranks
+
+T = TypeVar("T")
 
 ACCURACY = "Top1_Acc_Exp/eval_phase/test_stream"
 TASK_AWARE_ACCURACY = "TaskAwareAcc_Exp/eval_phase/test_stream"
@@ -126,7 +135,10 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=weight_decay(cfg, model))
 
 
-def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool) -> EvaluationPlugin:
+def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool,
+                    logging: bool = True) -> EvaluationPlugin:
+    """The run's metrics, and its loggers unless ``logging`` is false (the ranks but 0 of a
+    torchrun: Avalanche's loggers refuse them)."""
     metrics = [
         accuracy_metrics(epoch=True, experience=True, stream=True),
         loss_metrics(epoch=True, experience=True, stream=True),
@@ -135,6 +147,8 @@ def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool) -> 
     ]
     if routing:
         metrics.append(RoutingMetrics(heatmaps=cfg.logging.tensorboard and log_dir is not None))
+    if not logging:
+        return EvaluationPlugin(*metrics, loggers=[])
     loggers: list = []
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -151,13 +165,17 @@ def build_evaluator(cfg: DictConfig, log_dir: Path | None, *, routing: bool) -> 
 
 
 def build_strategy(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   evaluator: EvaluationPlugin, bundle: BenchmarkBundle, device: torch.device):
+                   evaluator: EvaluationPlugin, bundle: BenchmarkBundle, device: torch.device,
+                   ranks: Ranks | None = None):
     """The method's strategy, every method's with the NaN-loss guard (and the reference's
-    train error when train.reference_train_error is set)."""
+    train error when train.reference_train_error is set); under torchrun (``ranks``: mixture
+    methods only, moe_cl.distributed.data_parallel_problem) MoEStrategy's ``ranks``."""
     common = dict(model=model, optimizer=optimizer, train_mb_size=cfg.train.batch_size,
                   train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size,
                   device=device, evaluator=evaluator,
                   plugins=training_plugins(reference_train_error=cfg.train.reference_train_error))
+    if ranks is not None:
+        common["ranks"] = ranks
     return METHODS[cfg.method].build_strategy(cfg, common, bundle)
 
 
@@ -178,7 +196,7 @@ class Progress:
     epochs_done: int = 0  # inside experience ``completed`` (epoch checkpoints)
 
 
-class EpochCheckpoint(SupervisedPlugin):
+class EpochCheckpoint(SupervisedPlugin, supports_distributed=True):
     """Calls ``save(epochs_done)`` every ``every`` epochs inside a training experience.
 
     It counts epochs itself (from ``offset`` when resuming inside an experience) rather than
@@ -217,6 +235,12 @@ class Run:
     epoch_checkpoints: EpochCheckpoint | None = None
     train_stream: list = field(default_factory=list)
     test_stream: list = field(default_factory=list)
+    ranks: Ranks | None = None  # torchrun: this process's place among the run's processes
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process owns the run folder (rank 0, or the only process)."""
+        return self.ranks is None or self.ranks.is_main
 
     @property
     def method(self) -> Method:
@@ -234,6 +258,8 @@ class Run:
 
     def save_checkpoint(self, epochs_done: int = 0) -> None:
         self.progress.epochs_done = epochs_done
+        if not self.is_main:
+            return
         save_checkpoint(self.out / CHECKPOINT, {
             "model": model_state(self.model),
             "optimizer": optimizer_state(self.optimizer, self.model),
@@ -244,18 +270,22 @@ class Run:
 
 
 def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
-                   bundle: BenchmarkBundle | None = None, echo=print) -> dict:
-    """Run (or continue) the configured experiment in ``out``; returns results.json's dict.
+                   bundle: BenchmarkBundle | None = None, echo=print,
+                   ranks: Ranks | None = None) -> dict:
+    """Run (or continue) the configured experiment in ``out``; returns results.json's dict
+    (under torchrun, ``ranks``: rank 0's; the others return an empty dict).
 
     Stages: build, restore (a checkpoint, or a finished teacher to distil), then per stage of
     experiences train, distil, evaluate and write; figures last."""
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if ranks is None else ranks.device
     bundle = bundle or build_benchmark(cfg)
     model = build_model(cfg, bundle)
     optimizer = build_optimizer(cfg, model)
-    state = load_checkpoint(out / CHECKPOINT) if resume and has_checkpoint(out) else {}
-    run = Run(cfg, out, bundle, device, model, optimizer, Progress(**state.get("progress", {})))
+    state = _from_main(ranks, lambda: load_checkpoint(out / CHECKPOINT)
+                       if resume and has_checkpoint(out) else {})
+    run = Run(cfg, out, bundle, device, model, optimizer, Progress(**state.get("progress", {})),
+              ranks=ranks)
     if run.progress.completed and run.progress.completed >= _stage_count(cfg, bundle):
         echo(f"{out} is already complete")
         return _finished_results(run, state)
@@ -279,6 +309,12 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
     return _add_figures(run, results)
 
 
+def _from_main(ranks: Ranks | None, work: Callable[[], T]) -> T:
+    """``work()`` (reading the run folder) in the process that owns it; under torchrun rank 0's
+    result on every rank."""
+    return work() if ranks is None else ranks.from_main(work)
+
+
 def _start(run: Run, *, resumed: bool) -> None:
     """Build the evaluator and the strategy, write config.yaml and fix the streams."""
     cfg, out = run.cfg, run.out
@@ -286,10 +322,11 @@ def _start(run: Run, *, resumed: bool) -> None:
     if resumed:
         progress = run.progress
         log_dir = log_dir / f"resumed-exp{progress.completed:02d}-epoch{progress.epochs_done}"
-    run.evaluator = build_evaluator(cfg, log_dir, routing=run.method.mixture)
+    run.evaluator = build_evaluator(cfg, log_dir if run.is_main else None,
+                                    routing=run.method.mixture, logging=run.is_main)
     run.strategy = build_strategy(cfg, run.model, run.optimizer, run.evaluator, run.bundle,
-                                  run.device)
-    if not (out / CONFIG).exists():
+                                  run.device, run.ranks)
+    if run.is_main and not (out / CONFIG).exists():
         atomic_write_text(out / CONFIG, to_yaml(cfg))
     if cfg.train.checkpoint_every_epochs:
         run.epoch_checkpoints = EpochCheckpoint(cfg.train.checkpoint_every_epochs,
@@ -303,7 +340,9 @@ def _start(run: Run, *, resumed: bool) -> None:
 def _use_teacher(run: Run, echo) -> None:
     """Start from the trained model of the finished run distill.teacher, as if its training
     had just ended in this process."""
-    teacher = load_teacher(run.cfg, run.model, len(run.stages))
+    teacher = _from_main(run.ranks, lambda: load_teacher(run.cfg, run.model, len(run.stages)))
+    if not run.is_main:
+        load_model_state(run.model, teacher["model"])
     run.model.to(run.device)
     echo(f"distilling the trained model of {run.cfg.distill.teacher}")
     set_rng_state(teacher["rng"])
@@ -348,7 +387,7 @@ def distill(run: Run, experience) -> MoEStrategy:
                            evaluator=run.evaluator,
                            batch_augment=run.bundle.batch_augment, fast_data=cfg.train.fast_data,
                            eval_top_k=cfg.eval.top_k, precision=cfg.train.precision,
-                           compile_model=cfg.train.compile)
+                           compile_model=cfg.train.compile, ranks=run.ranks)
     strategy.train(experience, eval_streams=[])
     return strategy
 
@@ -375,14 +414,15 @@ def _write(run: Run, evaluated: torch.nn.Module, echo) -> dict:
          f"{average_accuracy(progress.accuracy_matrix):.4f}")
     results = _results(run, evaluated, complete=progress.completed == len(run.stages),
                        n_train=len(run.train_stream))
-    write_json(run.out / RESULTS, results)
+    if run.is_main:
+        write_json(run.out / RESULTS, results)
     return results
 
 
 def _add_figures(run: Run, results: dict) -> dict:
     """Draw the figures (unless logging.figures=false or they are listed already), list them
     in the results and write those again: figures come last."""
-    if run.cfg.logging.figures and "figures" not in results:
+    if run.is_main and run.cfg.logging.figures and "figures" not in results:
         progress = run.progress
         results["figures"] = write_figures(run.out, progress.routing_history,
                                            progress.accuracy_matrix,
@@ -411,7 +451,9 @@ def _train_error(metrics: dict) -> float | None:
 def _finished_results(run: Run, state: dict) -> dict:
     """results.json of a finished run; rebuilt from the checkpoint when the file is missing,
     unreadable or older than it (a kill between the two writes), and its figures drawn when a
-    kill came before them (written last)."""
+    kill came before them (written last). Under torchrun, rank 0's work."""
+    if not run.is_main:
+        return {}
     results = read_results(run.out)
     if not is_complete(results):
         load_model_state(run.model, state["model"])
@@ -476,6 +518,7 @@ def _results(run: Run, model: torch.nn.Module, *, complete: bool, n_train: int) 
         "scenario": cfg.scenario,
         "seed": cfg.seed,
         "device": str(run.device),
+        "ranks": 1 if run.ranks is None else run.ranks.world_size,  # torchrun's processes
         "experiences_completed": progress.completed,
         "n_experiences": n_train,
         "accuracy_matrix": matrix,

@@ -13,6 +13,7 @@ follow it, write nothing and end with its exit code.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ MAIN_KEYS = (
 )
 PLACEHOLDERS = {"out_dir": "PATH", "resume": "true|RUN_FOLDER", "distill.teacher": "RUN_FOLDER"}
 HELP_WIDTH = 96
+FOLLOWER_LINGER_S = 10  # moe_cl.distributed.LINGER_S (not imported: it imports torch)
 
 
 def _default_note(benchmark: str) -> str:
@@ -234,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         code, message = end_failed_run(err, out, lock.made if lock else None)  # raises a bug
         if code == NO_SPACE:
             message += f"; free space, then continue with resume={out}"
-        if _torchrun_rank() in (None, 0):  # every rank found it: rank 0 says it
-            print(f"error: {message}", file=sys.stderr)
+        if _torchrun_rank() not in (None, 0):  # every rank found it: rank 0 says it
+            return _after_rank_0(code)
+        print(f"error: {message}", file=sys.stderr)
         return code
     finally:
         if lock is not None:
@@ -247,6 +250,15 @@ def _torchrun_rank() -> int | None:
     if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return None
     return int(os.environ["RANK"])
+
+
+def _after_rank_0(code: int) -> int:
+    """A torchrun rank but 0 that found what rank 0 reports (before the ranks met): its exit
+    code once rank 0 has ended, which makes torchrun stop this process (SIGTERM: the same exit
+    code); on other machines, where no SIGTERM comes, after a moment."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    time.sleep(FOLLOWER_LINGER_S)
+    return code
 
 
 def _device_problem(cfg: DictConfig) -> str | None:

@@ -4,13 +4,15 @@ It adds to the template only what a mixture needs: the mixture's loss (expectati
 stochastic), optional top-k inference, per-batch augmentation on the device, the fast tensor
 data path, the arithmetic (``precision``, :mod:`moe_cl.precision`) and ``torch.compile`` of the
 mixture. Regularisers, growth and routing metrics stay plugins and modules, so they compose
-with Avalanche's own (ReplayPlugin, EWCPlugin, LwFPlugin, ...).
+with Avalanche's own (ReplayPlugin, EWCPlugin, LwFPlugin, ...). Under torchrun (``ranks``) each
+rank trains on its shard of every batch (:mod:`moe_cl.distributed`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from avalanche.core import BasePlugin
@@ -24,8 +26,12 @@ from moe_cl.core.gates import AttentiveGate
 from moe_cl.core.losses import stochastic_nll
 from moe_cl.data import Batch, TensorBatches, dataset_tensors, has_transforms
 from moe_cl.models import MixtureOfExperts, routing_output
+from moe_cl.plugins import DataParallel, NonFiniteLossGuard
 from moe_cl.precision import Precision, precision_problem
 from moe_cl.routed import RoutedMixture, RouterUpdate
+
+if TYPE_CHECKING:
+    from moe_cl.distributed import Ranks
 
 
 class MoEStrategy(SupervisedTemplate):
@@ -46,6 +52,12 @@ class MoEStrategy(SupervisedTemplate):
     :param compile_model: ``torch.compile`` the mixture's forward pass (the bank and the gate) in
         place; growth changes the modules, so the next forward compiles again. Parameter names
         and checkpoints are unchanged.
+    :param ranks: this process's place in a data-parallel run (torchrun,
+        :func:`moe_cl.distributed.join`): each training batch of ``train_mb_size`` is the whole
+        (global) batch, of which this rank trains its contiguous shard, its loss weighted by its
+        share; :class:`~moe_cl.plugins.DataParallel` (added first) sums the gradients over
+        the ranks and checks every rank's loss in place of ``NonFiniteLossGuard``. The fast
+        data path is required. Evaluation is not split: every rank evaluates everything.
     """
 
     def __init__(
@@ -65,6 +77,7 @@ class MoEStrategy(SupervisedTemplate):
         eval_top_k: int | None = None,
         precision: Precision = "fp32",
         compile_model: bool = False,
+        ranks: Ranks | None = None,
     ) -> None:
         if not isinstance(model, MixtureOfExperts):
             raise TypeError(f"model must be a moe_cl MixtureOfExperts, got {type(model).__name__}")
@@ -72,6 +85,9 @@ class MoEStrategy(SupervisedTemplate):
         problem = precision_problem(precision, torch.device(device).type)
         if problem:
             raise ValueError(problem)
+        plugins = _with_router_update(model, plugins or [])
+        if ranks is not None:
+            plugins = _with_data_parallel(ranks, plugins)
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -80,7 +96,7 @@ class MoEStrategy(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=_with_router_update(model, plugins or []),
+            plugins=plugins,
             evaluator=evaluator,
             eval_every=eval_every,
         )
@@ -88,6 +104,10 @@ class MoEStrategy(SupervisedTemplate):
         self.fast_data = fast_data
         self.eval_top_k = eval_top_k
         self.precision = precision
+        self.ranks = ranks
+        # the training batch of every rank (torchrun): its inputs and each rank's rows of it
+        self.whole_batch_inputs: Tensor | None = None
+        self._shard_bounds: list[int] = []
         self._eval_cache: dict[int, tuple[object, Batch]] = {}
         if compile_model:
             model.core.compile()
@@ -128,10 +148,31 @@ class MoEStrategy(SupervisedTemplate):
             return stochastic_nll(out.gate, out.expert_log_probs, self.mb_y)
         return self._criterion(self.mb_output, self.mb_y)
 
+    def backward(self) -> None:
+        """Under torchrun, the loss weighted by this rank's share of the batch: summed over the
+        ranks, the gradients are those of the whole batch's loss (shards may differ by one)."""
+        if self.ranks is None:
+            return super().backward()
+        bounds, rank = self._shard_bounds, self.ranks.rank
+        share = (bounds[rank + 1] - bounds[rank]) / bounds[-1]
+        (self.loss * share).backward(retain_graph=self.retain_graph)
+
     def _unpack_minibatch(self) -> None:
         super()._unpack_minibatch()
         if self.is_training and self.batch_augment is not None:
-            self.mbatch[0] = self.batch_augment(self.mbatch[0])
+            self.mbatch[0] = self.batch_augment(self.mbatch[0])  # the whole batch: same draws
+        if self.is_training and self.ranks is not None:
+            self.whole_batch_inputs = self.mbatch[0]
+            self._shard_bounds = self.ranks.shard_bounds(len(self.mbatch[0]))
+            start, stop = self._shard_bounds[self.ranks.rank:self.ranks.rank + 2]
+            self.mbatch = [t[start:stop] for t in self.mbatch]
+
+    def whole_batch(self, rows: Tensor) -> Tensor:
+        """Per-sample values of the training batch (the gate): this rank's rows, under torchrun
+        every rank's, in batch order and differentiable (the regularisers' statistics)."""
+        if self.ranks is None:
+            return rows
+        return self.ranks.gather_rows(rows, self._shard_bounds)
 
     # -- data
 
@@ -140,9 +181,12 @@ class MoEStrategy(SupervisedTemplate):
         if not self.fast_data or has_transforms(self.adapted_dataset, except_class_lookups=True):
             return super().make_train_dataloader(num_workers, shuffle, pin_memory,
                                                  persistent_workers, drop_last, **kwargs)
-        self.dataloader = TensorBatches(
-            self._tensors("train"), self.train_mb_size, shuffle=shuffle, drop_last=drop_last
-        )
+        tensors = self._tensors("train")
+        if self.ranks is not None:  # a last batch too small to give every rank a sample
+            last = len(tensors[1]) % self.train_mb_size
+            drop_last = drop_last or 0 < last < self.ranks.world_size
+        self.dataloader = TensorBatches(tensors, self.train_mb_size, shuffle=shuffle,
+                                        drop_last=drop_last)
 
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
                              persistent_workers=False, **kwargs) -> None:
@@ -187,6 +231,12 @@ def _with_router_update(model: MixtureOfExperts, plugins: Sequence[BasePlugin]) 
     if isinstance(model, RoutedMixture) and not any(isinstance(p, RouterUpdate) for p in plugins):
         plugins.append(RouterUpdate())
     return plugins
+
+
+def _with_data_parallel(ranks: Ranks, plugins: Sequence[BasePlugin]) -> list:
+    """DataParallel first (its sums of the epoch's counts precede the plugins that report
+    them), in place of the NaN-loss guard: DataParallel checks every rank's loss together."""
+    return [DataParallel(ranks), *(p for p in plugins if not isinstance(p, NonFiniteLossGuard))]
 
 
 def _check_online_ewc(model: MixtureOfExperts, plugins: Sequence[BasePlugin]) -> None:

@@ -1,0 +1,434 @@
+"""One run on several processes: data-parallel training under ``torchrun``.
+
+``torchrun --nproc_per_node=N -m moe_cl.run ...`` starts N processes (ranks) of one run; this
+module makes them one run (docs/scaling.md has the user's view):
+
+- the process group comes from torchrun's environment: gloo for the ranks' agreements (objects,
+  random states, flags), plus NCCL for tensors on GPUs; a rank's GPU is its LOCAL_RANK (not its
+  global rank, as Avalanche's ``make_device`` takes);
+- rank 0 alone owns the run folder: it claims it, writes config.yaml, checkpoints, results.json,
+  logs and figures, and hands its settings and checkpoint to the others; they write nothing and
+  have no loggers;
+- every rank holds the whole data and the same random state, so all draw the same stream,
+  permutation and augmentation; each global batch (``train.batch_size``) is split into
+  contiguous shards, one per rank (:class:`MoEStrategy` does it on the fast data path);
+- no DDP wrapper: growth adds parameters after every experience, and Avalanche and our
+  checkpoints name parameters without a ``module.`` prefix. ``plugins.DataParallel`` instead sums
+  the gradients of all ranks after each backward pass in one flat all-reduce, each rank's loss
+  weighted by its share of the batch, which is the gradient of the whole batch's loss; the
+  routing regularisers see the whole batch through :meth:`Ranks.gather_rows` (with gradients);
+  BatchNorm becomes SyncBatchNorm on GPUs;
+- growth decisions are computed on every rank from the same state; the ranks compare their
+  models' structure after each adaptation, and rank 0's parameters and buffers are broadcast at
+  the start of each experience (buffers again at each epoch's end and after each experience, so
+  a router's statistics and BatchNorm statistics are rank 0's);
+- every rank evaluates the whole test stream (the same weights give the same numbers; no metric
+  needs reducing), and the training epoch's accuracy, loss and reference train error are summed
+  over the ranks;
+- a NaN loss on one rank stops every rank in the same step (exit 3): it travels with the
+  gradients. Any other error on one rank is posted to torchrun's key-value store, where a
+  watcher thread on every rank sees it within a second and ends its process (rank 0 releases
+  the run folder first; the others wait for rank 0): no rank waits for a collective's timeout.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import Tensor
+
+from moe_cl.config import ConfigError
+from moe_cl.methods import METHODS
+from moe_cl.run_folder import exit_code
+
+T = TypeVar("T")
+
+WATCH_INTERVAL_S = 0.5  # how often each rank looks for another rank's failure
+MAIN_DONE_WAIT_S = 60.0  # how long the other ranks give rank 0 to leave the run folder in order
+LINGER_S = 10.0  # then how long they give its process to end first (torchrun's SIGTERM is sooner)
+FAILURE, MAIN_DONE = "failure", "main_done"
+
+
+class AgreedFailure(RuntimeError):
+    """Another rank's failure, raised on every rank at the same point of the run."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+        self.every_rank = True
+
+
+def data_parallel_problem(cfg: DictConfig, world_size: int) -> str | None:
+    """What of ``cfg`` one run on ``world_size`` ranks cannot do (one line), or None."""
+    if not METHODS[cfg.method].mixture:
+        return (f"method={cfg.method} cannot run under torchrun: Avalanche's strategies neither "
+                "synchronise the ranks' weights nor reduce their metrics (each rank would train "
+                "its own model on its shard of the data); run it as one process (a suite's "
+                "--jobs or --shard spreads many runs)")
+    if not cfg.train.fast_data:
+        return ("train.fast_data=false cannot run under torchrun: Avalanche's loaders split "
+                "batches their own way; keep the fast data path")
+    if cfg.replay.mem_size > 0:
+        return ("replay.mem_size > 0 cannot run under torchrun: the replay plugin's loader "
+                "splits batches its own way; run replay as one process")
+    if cfg.train.batch_size < world_size:
+        return (f"train.batch_size={cfg.train.batch_size} is the global batch, split across the "
+                f"{world_size} ranks: it must be at least {world_size}")
+    return None
+
+
+def join(cfg: DictConfig | None) -> Ranks:
+    """This process's place among torchrun's ranks: settings that data parallelism cannot run
+    are refused first (a usage error on every rank, before any process group), then the
+    process group and the failure watcher start. ``cfg``: the command's settings (None when it
+    only names a run to resume: rank 0 checks those later)."""
+    env = os.environ
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    if cfg is not None:
+        problem = data_parallel_problem(cfg, world_size)
+        if problem:
+            raise ConfigError(problem)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    return Ranks(rank=rank, world_size=world_size, local_rank=int(env["LOCAL_RANK"]))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if exit_code(error) is not None else f"{type(error).__name__}: {text}"
+
+
+def _nothing() -> None:
+    return None
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class Ranks:
+    """The processes of one data-parallel run, seen from one of them.
+
+    Agreements (:meth:`together`, :meth:`share`, :meth:`main_first`, :meth:`from_main`) run on
+    the gloo group; tensors of the model on ``group`` (NCCL on GPUs, gloo on CPUs), chosen with
+    the device by :meth:`take_device`.
+    """
+
+    def __init__(self, *, rank: int, world_size: int, local_rank: int) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = torch.device("cpu")
+        self.group: dist.ProcessGroup | None = None  # None: the default (gloo) group
+        self._abort_cleanups: list[Callable[[], None]] = []
+        self._stopping = False  # this rank is ending (its failure, or done): ignore the others
+        self._store_lock = threading.Lock()
+        env = os.environ
+        self._store = dist.PrefixStore(
+            f"moe_cl/{env.get('TORCHELASTIC_RUN_ID', '')}/"
+            f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/",
+            dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                          wait_for_workers=False, timeout=timedelta(seconds=30)))
+        if self.is_main:
+            atexit.register(self._post, MAIN_DONE, "")  # after a traceback is printed, too
+        threading.Thread(target=self._watch, name="moe_cl-ranks", daemon=True).start()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- the run, on rank 0 (lead) and on the others (follow)
+
+    def lead(self, cfg: DictConfig, out: Path, resume: bool) -> dict:
+        """Rank 0, once it holds the run folder: hand the run to the others and train it with
+        them; returns results.json's dict."""
+        problem = data_parallel_problem(cfg, self.world_size)  # settings read from config.yaml
+        if problem:
+            raise ConfigError(problem)
+        self.share((cfg, out, resume))
+        return self._train(cfg, out, resume, echo=print)
+
+    def follow(self) -> int:
+        """Every rank but 0: train the run rank 0 hands over, writing nothing; the exit code."""
+        try:
+            cfg, out, resume = self.share(None)
+            self._train(cfg, out, resume, echo=_quiet)
+            return 0
+        except Exception as error:  # noqa: BLE001 - every failure ends as an exit code
+            code = self.announce(error)
+            if not getattr(error, "every_rank", False):  # rank 0 prints what all ranks share
+                if exit_code(error) is None:
+                    traceback.print_exc()
+                else:
+                    print(f"error: rank {self.rank}: {_one_line(error)}", file=sys.stderr)
+            self._wait_for(MAIN_DONE)
+            # Rank 0's process ends first: torchrun then stops this one (SIGTERM, exit code
+            # as announced) instead of stopping rank 0 while it finishes; on other nodes, where
+            # no SIGTERM comes, the wait ends by itself.
+            time.sleep(LINGER_S)
+            return code
+
+    def _train(self, cfg: DictConfig, out: Path, resume: bool, echo) -> dict:
+        from moe_cl.experiment import build_benchmark, run_experiment
+
+        self.take_device(cfg.device)
+        bundle = self.main_first(lambda: build_benchmark(cfg))  # a download happens once
+        echo(f"run folder: {out} ({self.world_size} ranks on {self.device.type})")
+        results = run_experiment(cfg, out, resume=resume, bundle=bundle, echo=echo, ranks=self)
+        dist.barrier()  # the others wait for rank 0's last files
+        self._stopping = True
+        return results
+
+    # -- devices
+
+    def take_device(self, setting: str) -> None:
+        """``cuda:LOCAL_RANK`` or ``cpu`` for ``device=setting``; a rank without its GPU, or
+        ranks that would end up on different kinds of device, are a usage error on every
+        rank."""
+        kind = self.together(lambda: _device_kind(setting, self.local_rank))
+        kinds = self.gather(kind)
+        if len(set(kinds)) > 1:
+            on = "; ".join(f"{k} on ranks {[r for r, x in enumerate(kinds) if x == k]}"
+                           for k in sorted(set(kinds)))
+            raise AgreedFailure(f"device={setting} gives different devices ({on}); set "
+                                "device=cuda or device=cpu", 2)
+        if kind == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+            self.group = dist.new_group(backend="nccl")
+
+    # -- agreements (gloo)
+
+    def together(self, work: Callable[[], T]) -> T:
+        """``work()`` on every rank; if it fails on any, every rank raises: the failed ranks
+        their own error, the others an :class:`AgreedFailure` naming the first failed rank."""
+        failure = own = value = None
+        try:
+            value = work()
+        except Exception as error:  # noqa: BLE001 - shared with the other ranks, then raised
+            own, failure = error, (exit_code(error) or 1, _one_line(error))
+        failures = self.gather(failure)
+        failed = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+        if not failed:
+            return value
+        if own is not None:
+            own.every_rank = True
+            raise own
+        rank, (code, message) = failed[0]
+        raise AgreedFailure(f"rank {rank}: {message}", code)
+
+    def main_first(self, work: Callable[[], T]) -> T:
+        """``work()`` on rank 0, then (if it succeeded) on the others."""
+        first = self.together(work if self.is_main else _nothing)
+        rest = self.together(_nothing if self.is_main else work)
+        return first if self.is_main else rest
+
+    def from_main(self, work: Callable[[], T]) -> T:
+        """``work()`` on rank 0 (reading the run folder), its value on every rank."""
+        return self.share(self.together(work if self.is_main else _nothing))
+
+    def share(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list:
+        """Every rank's ``value``, in rank order."""
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def sum_numbers(self, *numbers: float | Tensor) -> list[float]:
+        """The sums over the ranks of a few numbers (Python or one-element tensors)."""
+        packed = torch.tensor([float(n) for n in numbers], dtype=torch.float64)
+        dist.all_reduce(packed)
+        return packed.tolist()
+
+    def same_random_state(self) -> None:
+        """Rank 0's torch random state (CPU, and this rank's GPU) on every rank: the same
+        permutation and augmentation everywhere, whatever a rank drew before."""
+        states = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        for state in states:
+            dist.broadcast(state, src=0)
+        torch.set_rng_state(states[0])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(states[1], self.device)
+
+    # -- tensors of the model (``group``)
+
+    def broadcast_(self, tensors: Sequence[Tensor]) -> None:
+        """Rank 0's values of ``tensors``, in place on every rank."""
+        for flat, members in _flat_groups(tensors):
+            dist.broadcast(flat, src=0, group=self.group)
+            _unflatten_into(flat, members)
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        """The sums over the ranks of ``tensors``, in place."""
+        for flat, members in _flat_groups(tensors):
+            dist.all_reduce(flat, group=self.group)
+            _unflatten_into(flat, members)
+
+    def shard_bounds(self, size: int) -> list[int]:
+        """Rank r's rows of a batch of ``size`` are bounds[r]:bounds[r + 1] (contiguous, sizes
+        within one of each other)."""
+        return [size * r // self.world_size for r in range(self.world_size + 1)]
+
+    def gather_rows(self, rows: Tensor, bounds: Sequence[int]) -> Tensor:
+        """The whole batch of which ``rows`` is this rank's shard (``bounds``: every rank's, as
+        :meth:`shard_bounds` gives them), differentiable: gradients reach each rank's rows."""
+        return _GatherRows.apply(rows, self, tuple(bounds))
+
+    # -- failures
+
+    def on_abort(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` (rank 0: release the run folder) when another rank's failure ends
+        this process."""
+        self._abort_cleanups.append(cleanup)
+
+    def announce(self, error: BaseException) -> int:
+        """This rank is ending on ``error``: the others learn it now, unless it is shared (an
+        error every rank raises at the same point). From now on torchrun's SIGTERM (sent as
+        soon as another rank has ended) ends this process with the same exit code, which is
+        returned."""
+        code = exit_code(error) or 1
+        self._stopping = True
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+        if not getattr(error, "every_rank", False):
+            self._post(FAILURE, f"{self.rank}\t{code}\t{_one_line(error)}")
+        return code
+
+    def _post(self, key: str, value: str) -> None:
+        try:
+            with self._store_lock:
+                self._store.set(key, value)
+        except Exception:  # noqa: BLE001 - the store ended with the launcher: nobody to tell
+            return
+
+    def _wait_for(self, key: str) -> None:
+        """Until ``key`` is posted (at most MAIN_DONE_WAIT_S): the others leave only after
+        rank 0, which torchrun would otherwise stop (SIGTERM) in the middle of its last writes
+        as soon as one of them ended."""
+        deadline = time.monotonic() + MAIN_DONE_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                with self._store_lock:
+                    posted = self._store.check([key])
+            except Exception:  # noqa: BLE001 - the store is gone: so is rank 0
+                return
+            if posted:
+                return
+            time.sleep(WATCH_INTERVAL_S / 5)
+
+    def _watch(self) -> None:
+        """The watcher thread: another rank's failure ends this process with its exit code
+        (a process blocked in a collective cannot raise), without waiting for a timeout."""
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            try:
+                with self._store_lock:
+                    posted = (self._store.get(FAILURE).decode()
+                              if self._store.check([FAILURE]) else None)
+            except Exception:  # noqa: BLE001 - the store (torchrun's) is gone
+                posted = None if self._stopping else "-1\t1\tlost contact with the other ranks"
+            if self._stopping:
+                return
+            if posted is None:
+                continue
+            rank, code, message = posted.split("\t", 2)
+            if int(rank) != self.rank:
+                self._abort(int(rank), int(code), message)
+
+    def _abort(self, rank: int, code: int, message: str) -> None:
+        if self.is_main:
+            for cleanup in self._abort_cleanups:
+                try:
+                    cleanup()
+                except Exception:  # noqa: BLE001 - the exit matters more than the cleanup
+                    pass
+            who = f"rank {rank}" if rank >= 0 else "this rank"
+            print(f"error: {who} failed ({message}); every rank stopped", file=sys.stderr,
+                  flush=True)
+            self._post(MAIN_DONE, "")
+        else:
+            self._wait_for(MAIN_DONE)
+        os._exit(code)
+
+
+def _device_kind(setting: str, local_rank: int) -> str:
+    """``cpu`` or ``cuda`` for ``device=setting`` on this rank; a usage error if the rank's GPU
+    (number LOCAL_RANK on its node) is missing."""
+    if setting == "cpu":
+        return "cpu"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus:
+        if setting == "auto":
+            return "cpu"
+        raise ConfigError("device=cuda but no CUDA device is available (use device=auto or cpu)")
+    if local_rank >= gpus:
+        raise ConfigError(f"device={setting}: local rank {local_rank} on {socket.gethostname()} "
+                          f"has no GPU of its own ({gpus} there); start at most {gpus} "
+                          f"processes per node (--nproc_per_node {gpus})")
+    return "cuda"
+
+
+def _flat_groups(tensors: Sequence[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
+    """``tensors`` grouped by device and type, each group as one flat tensor (booleans as
+    bytes) and its members: one collective per group instead of one per tensor."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    flats = []
+    for members in groups.values():
+        flat = torch.cat([_transportable(t.detach()).reshape(-1) for t in members])
+        flats.append((flat, members))
+    return flats
+
+
+def _transportable(tensor: Tensor) -> Tensor:
+    return tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
+
+
+@torch.no_grad()
+def _unflatten_into(flat: Tensor, members: list[Tensor]) -> None:
+    offset = 0
+    for tensor in members:
+        count = tensor.numel()
+        _transportable(tensor).copy_(flat[offset:offset + count].view(tensor.shape))
+        offset += count
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' shards of a batch, concatenated in rank order; the backward pass sums the
+    gradient of the whole batch over the ranks (each rank's loss reaches every row) and keeps
+    this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, ranks: Ranks, bounds: tuple[int, ...]) -> Tensor:
+        ctx.ranks, ctx.bounds = ranks, bounds
+        sizes = [bounds[r + 1] - bounds[r] for r in range(ranks.world_size)]
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        padded[: len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=ranks.group)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        ranks, bounds = ctx.ranks, ctx.bounds
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ranks.group)
+        return total[bounds[ranks.rank]:bounds[ranks.rank + 1]], None, None
