@@ -102,6 +102,10 @@ def join(cfg: DictConfig | None) -> Ranks:
         problem = data_parallel_problem(cfg, world_size)
         if problem:
             raise ConfigError(problem)
+    # Avalanche makes loggers while it is imported, which it refuses on ranks but 0 once a
+    # process group exists: it is imported first.
+    import moe_cl.experiment  # noqa: F401
+
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     return Ranks(rank=rank, world_size=world_size, local_rank=int(env["LOCAL_RANK"]))
 

@@ -336,11 +336,16 @@ def mean_pairwise_kl(features: Tensor, labels: Tensor, jitter: float = 1e-4) -> 
     return float(sum(torch.distributions.kl_divergence(a, b) for a, b in pairs) / len(pairs))
 
 
-class RouterUpdate(SupervisedPlugin):
+class RouterUpdate(SupervisedPlugin, supports_distributed=True):
     """Feeds a :class:`RoutedMixture`: after each training experience its router takes the
     experience's class statistics, and while a group is reused the feature distillation joins
     the loss. :class:`~moe_cl.strategies.MoEStrategy` adds it by itself; add it to other
-    Avalanche strategies that train a routed mixture."""
+    Avalanche strategies that train a routed mixture.
+
+    Under torchrun every rank adds the whole experience (not its shard): the router is
+    computed from the same data and weights on every rank, and the merge is exact, so no
+    statistics travel between ranks; ``plugins.DataParallel`` then broadcasts rank 0's buffers
+    (these statistics among them), so every rank routes with bit-identical statistics."""
 
     def before_backward(self, strategy, **kwargs) -> None:
         loss = routing_output(strategy.model).auxiliary_loss
