@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import select
 import signal
 import socket
 import sys
@@ -137,6 +138,7 @@ class Ranks:
         self.group: dist.ProcessGroup | None = None  # None: the default (gloo) group
         self._abort_cleanups: list[Callable[[], None]] = []
         self._stopping = False  # this rank is ending (its failure, or done): ignore the others
+        self._exit_code: int | None = None  # the failure this rank ends with, once known
         self._store_lock = threading.Lock()
         env = os.environ
         self._store = dist.PrefixStore(
@@ -146,7 +148,7 @@ class Ranks:
                           wait_for_workers=False, timeout=timedelta(seconds=30)))
         if self.is_main:
             atexit.register(self._post, MAIN_DONE, "")  # after a traceback is printed, too
-        threading.Thread(target=self._watch, name="moe_cl-ranks", daemon=True).start()
+        self._watch_for_failures()
 
     @property
     def is_main(self) -> bool:
@@ -176,11 +178,7 @@ class Ranks:
                     traceback.print_exc()
                 else:
                     print(f"error: rank {self.rank}: {_one_line(error)}", file=sys.stderr)
-            self._wait_for(MAIN_DONE)
-            # Rank 0's process ends first: torchrun then stops this one (SIGTERM, exit code
-            # as announced) instead of stopping rank 0 while it finishes; on other nodes, where
-            # no SIGTERM comes, the wait ends by itself.
-            time.sleep(LINGER_S)
+            self._wait_for_main(time.sleep)
             return code
 
     def _train(self, cfg: DictConfig, out: Path, resume: bool, echo) -> dict:
@@ -299,21 +297,48 @@ class Ranks:
     # -- failures
 
     def on_abort(self, cleanup: Callable[[], None]) -> None:
-        """Run ``cleanup`` (rank 0: release the run folder) when another rank's failure ends
-        this process."""
+        """Run ``cleanup`` (rank 0: release the run folder) when this process is ended from
+        outside: by another rank's failure, or by a SIGTERM."""
         self._abort_cleanups.append(cleanup)
 
     def announce(self, error: BaseException) -> int:
         """This rank is ending on ``error``: the others learn it now, unless it is shared (an
-        error every rank raises at the same point). From now on torchrun's SIGTERM (sent as
-        soon as another rank has ended) ends this process with the same exit code, which is
-        returned."""
+        error every rank raises at the same point). Returns the exit code, which a SIGTERM
+        (torchrun's, once another rank has ended) also ends this process with from now on."""
         code = exit_code(error) or 1
-        self._stopping = True
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+        self._stopping, self._exit_code = True, code
         if not getattr(error, "every_rank", False):
             self._post(FAILURE, f"{self.rank}\t{code}\t{_one_line(error)}")
         return code
+
+    def _watch_for_failures(self) -> None:
+        """Start the watcher thread. A SIGTERM (torchrun stops the other ranks once one has
+        ended; a scheduler preempts the job) reaches it through Python's wakeup file even while
+        the main thread waits inside a collective, where a signal handler cannot run."""
+        wakeup, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.signal(signal.SIGTERM, lambda *_: self._terminated())
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(wakeup,), name="moe_cl-ranks",
+                         daemon=True).start()
+
+    def _terminated(self) -> None:
+        """Ended from outside: rank 0 releases the run folder; the exit code is that of the
+        failure that ended the run (128 + SIGTERM when none did)."""
+        self._clean_up()
+        os._exit(self._exit_code if self._exit_code is not None else 128 + signal.SIGTERM)
+
+    def _clean_up(self) -> None:
+        for cleanup in self._abort_cleanups:
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - the exit matters more than the cleanup
+                pass
+
+    def _pause(self, wakeup: int, seconds: float) -> None:
+        """The watcher's sleep, ended by a SIGTERM (which ends the process)."""
+        if select.select([wakeup], [], [], seconds)[0] and signal.SIGTERM in os.read(wakeup, 512):
+            self._terminated()
 
     def _post(self, key: str, value: str) -> None:
         try:
@@ -322,53 +347,52 @@ class Ranks:
         except Exception:  # noqa: BLE001 - the store ended with the launcher: nobody to tell
             return
 
-    def _wait_for(self, key: str) -> None:
-        """Until ``key`` is posted (at most MAIN_DONE_WAIT_S): the others leave only after
-        rank 0, which torchrun would otherwise stop (SIGTERM) in the middle of its last writes
-        as soon as one of them ended."""
+    def _posted(self, key: str) -> str | None:
+        """``key``'s value in the store (None if not posted); raises if the store is gone."""
+        with self._store_lock:
+            return self._store.get(key).decode() if self._store.check([key]) else None
+
+    def _wait_for_main(self, pause: Callable[[float], None]) -> None:
+        """Until rank 0 has finished with the run folder (at most MAIN_DONE_WAIT_S), then a
+        moment (LINGER_S) for its process to end first: torchrun stops the others as soon as
+        one has ended (SIGTERM: this rank's exit code), and rank 0 must not be stopped in the
+        middle of its last writes. On other machines, where no SIGTERM comes, the wait ends by
+        itself."""
         deadline = time.monotonic() + MAIN_DONE_WAIT_S
         while time.monotonic() < deadline:
             try:
-                with self._store_lock:
-                    posted = self._store.check([key])
+                if self._posted(MAIN_DONE) is not None:
+                    break
             except Exception:  # noqa: BLE001 - the store is gone: so is rank 0
                 return
-            if posted:
-                return
-            time.sleep(WATCH_INTERVAL_S / 5)
+            pause(WATCH_INTERVAL_S / 5)
+        pause(LINGER_S)
 
-    def _watch(self) -> None:
+    def _watch(self, wakeup: int) -> None:
         """The watcher thread: another rank's failure ends this process with its exit code
         (a process blocked in a collective cannot raise), without waiting for a timeout."""
-        while True:
-            time.sleep(WATCH_INTERVAL_S)
+        while not self._stopping:
+            self._pause(wakeup, WATCH_INTERVAL_S)
             try:
-                with self._store_lock:
-                    posted = (self._store.get(FAILURE).decode()
-                              if self._store.check([FAILURE]) else None)
+                posted = self._posted(FAILURE)
             except Exception:  # noqa: BLE001 - the store (torchrun's) is gone
-                posted = None if self._stopping else "-1\t1\tlost contact with the other ranks"
-            if self._stopping:
-                return
-            if posted is None:
-                continue
-            rank, code, message = posted.split("\t", 2)
-            if int(rank) != self.rank:
-                self._abort(int(rank), int(code), message)
+                posted = "-1\t1\tlost contact with the other ranks"
+            if posted is not None and not self._stopping:
+                rank, code, message = posted.split("\t", 2)
+                if int(rank) != self.rank:
+                    self._abort(int(rank), int(code), message, wakeup)
 
-    def _abort(self, rank: int, code: int, message: str) -> None:
+    def _abort(self, rank: int, code: int, message: str, wakeup: int) -> None:
+        """Another rank failed: rank 0 releases the run folder, says so and ends first; the
+        others end after it, with the same exit code."""
+        self._exit_code = code
         if self.is_main:
-            for cleanup in self._abort_cleanups:
-                try:
-                    cleanup()
-                except Exception:  # noqa: BLE001 - the exit matters more than the cleanup
-                    pass
-            who = f"rank {rank}" if rank >= 0 else "this rank"
-            print(f"error: {who} failed ({message}); every rank stopped", file=sys.stderr,
-                  flush=True)
+            self._clean_up()
+            cause = f"rank {rank} failed ({message})" if rank >= 0 else message
+            print(f"error: {cause}; every rank stopped", file=sys.stderr, flush=True)
             self._post(MAIN_DONE, "")
         else:
-            self._wait_for(MAIN_DONE)
+            self._wait_for_main(lambda seconds: self._pause(wakeup, seconds))
         os._exit(code)
 
 
