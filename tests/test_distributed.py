@@ -24,9 +24,10 @@ from moe_cl.run_folder import LOCK
 
 ENTRY = Path(__file__).with_name("ddp_entry.py")
 # Batches of 25 of an experience's 128 samples: shards of 12 and 13, and a last batch of 3 split
-# 1 + 2, so each rank's loss weight is its share; L_importance and L_s (attentive_ls) need the
-# whole batch's gate; the reference train error is summed over the ranks; growth every experience.
-SETTINGS = ["benchmark=tiny", "strategy=attentive_ls", "train.epochs=2", "train.batch_size=25",
+# 1 + 2, so each rank's loss weight is its share; L_importance and L_s (attentive_ls, routed)
+# need the whole batch's gate; the reference train error is summed over the ranks; growth every
+# experience; the routed mixture's router takes each experience's statistics.
+SETTINGS = ["benchmark=tiny", "train.epochs=2", "train.batch_size=25",
             "regularizer.importance=0.1", "train.reference_train_error=true",
             "logging.interactive=false", "logging.tensorboard=false", "logging.figures=false"]
 NOT_COMPARED = {"wall_time_s", "versions", "config", "ranks"}
@@ -86,25 +87,35 @@ def files(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> Path:
-    """The settings trained by one process (in this one)."""
-    out = tmp_path_factory.mktemp("one") / "run"
-    assert main([*SETTINGS, f"out_dir={out}"]) == 0
-    return out
+def one_process(tmp_path_factory):
+    """The run of a strategy preset at SETTINGS trained by one process (in this one), once."""
+    runs: dict[str, Path] = {}
+
+    def run(strategy: str) -> Path:
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp("one") / strategy
+            assert main([*SETTINGS, f"strategy={strategy}", f"out_dir={out}"]) == 0
+            runs[strategy] = out
+        return runs[strategy]
+
+    return run
 
 
-def test_two_ranks_train_what_one_process_trains_and_only_rank_0_writes(tmp_path, one_process):
+@pytest.mark.parametrize("strategy", ["attentive_ls", "routed"])
+def test_two_ranks_train_what_one_process_trains_and_only_rank_0_writes(tmp_path, one_process,
+                                                                        strategy):
     runs, states, cwd = tmp_path / "runs", tmp_path / "states", tmp_path / "cwd"
     for folder in (runs, states, cwd):
         folder.mkdir()
-    done = torchrun(str(ENTRY), *SETTINGS, f"out_dir={runs / 'two'}", cwd=cwd,
-                    env={"MOE_CL_TEST_NO_WRITES_UNDER": str(runs),
-                         "MOE_CL_TEST_STATE_DIR": str(states)})
+    done = torchrun(str(ENTRY), *SETTINGS, f"strategy={strategy}", f"out_dir={runs / 'two'}",
+                    cwd=cwd, env={"MOE_CL_TEST_NO_WRITES_UNDER": str(runs),
+                                  "MOE_CL_TEST_STATE_DIR": str(states)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(2 ranks on cpu)" in done.stdout
-    assert_same_run(one_process, runs / "two")
-    assert files(runs / "two") == files(one_process)  # rank 1 would have failed on a write
+    assert_same_run(one_process(strategy), runs / "two")
+    assert files(runs / "two") == files(one_process(strategy))  # rank 1 fails on a write
     assert list(cwd.iterdir()) == []
+    # every tensor of the model (a routed mixture's router statistics too) the same on each rank
     rank0, rank1 = (torch.load(states / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0
                if isinstance(rank0[name], torch.Tensor))
@@ -121,13 +132,13 @@ def test_two_ranks_resume_what_one_process_began(tmp_path, one_process, monkeypa
 
     monkeypatch.setattr(experiment, "_evaluate", killed_in_the_second_experience)
     with pytest.raises(KeyboardInterrupt):
-        main([*SETTINGS, f"out_dir={out}"])
+        main([*SETTINGS, "strategy=attentive_ls", f"out_dir={out}"])
     monkeypatch.undo()
     assert json.loads((out / "results.json").read_text())["experiences_completed"] == 1
     done = torchrun("-m", "moe_cl.run", f"resume={out}", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming at experience 1, epoch 0" in done.stdout
-    assert_same_run(one_process, out)
+    assert_same_run(one_process("attentive_ls"), out)
 
 
 @pytest.mark.parametrize(("fault", "codes", "message"), [
@@ -138,8 +149,8 @@ def test_two_ranks_resume_what_one_process_began(tmp_path, one_process, monkeypa
 ])
 def test_a_fault_on_one_rank_stops_both_within_seconds(tmp_path, fault, codes, message):
     out = tmp_path / "run"
-    done = torchrun(str(ENTRY), *SETTINGS, f"out_dir={out}", cwd=tmp_path,
-                    env={"MOE_CL_TEST_FAULT": fault, "MOE_CL_TEST_FAULT_RANK": "1"})
+    done = torchrun(str(ENTRY), *SETTINGS, "strategy=attentive_ls", f"out_dir={out}",
+                    cwd=tmp_path, env={"MOE_CL_TEST_FAULT": fault, "MOE_CL_TEST_FAULT_RANK": "1"})
     ended = time.time()
     injected = float(re.search(r"fault injected at ([\d.]+)", done.stdout).group(1))
     assert ended - injected < 15, done.stdout + done.stderr
