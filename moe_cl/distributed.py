@@ -62,6 +62,9 @@ WATCH_INTERVAL_S = 0.5  # how often each rank looks for another rank's failure
 MAIN_DONE_WAIT_S = 60.0  # how long the other ranks give rank 0 to leave the run folder in order
 LINGER_S = 10.0  # then how long they give its process to end first (torchrun's SIGTERM is sooner)
 FAILURE, MAIN_DONE = "failure", "main_done"
+# How long a rank may wait for the others in an agreement, e.g. for rank 0 to download a data
+# set (failures do not wait for it: the watcher ends every rank at once).
+AGREEMENT_TIMEOUT = timedelta(hours=1)
 
 
 class AgreedFailure(RuntimeError):
@@ -107,7 +110,7 @@ def join(cfg: DictConfig | None) -> Ranks:
     # process group exists: it is imported first.
     import moe_cl.experiment  # noqa: F401
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=AGREEMENT_TIMEOUT)
     return Ranks(rank=rank, world_size=world_size, local_rank=int(env["LOCAL_RANK"]))
 
 
@@ -186,7 +189,8 @@ class Ranks:
 
         self.take_device(cfg.device)
         bundle = self.main_first(lambda: build_benchmark(cfg))  # a download happens once
-        echo(f"run folder: {out} ({self.world_size} ranks on {self.device.type})")
+        ranks = f"{self.world_size} rank{'s' if self.world_size > 1 else ''}"
+        echo(f"run folder: {out} ({ranks} on {self.device.type})")
         results = run_experiment(cfg, out, resume=resume, bundle=bundle, echo=echo, ranks=self)
         dist.barrier()  # the others wait for rank 0's last files
         self._stopping = True
