@@ -1,7 +1,10 @@
 """Section ``epoch``: one training epoch of ``paper_fmnist`` with the paper's attentive MoE
 through ``MoEStrategy`` (fast tensor path and Avalanche loaders; the fast path also with the
 reference code's train error, a second no-grad forward per step, to price that measurement),
-a plain PyTorch loop and Avalanche's ``Naive``."""
+a plain PyTorch loop and Avalanche's ``Naive``; and each of the paper's three mixtures
+(original softmax gate, attentive, attentive + L_s) on the fast path with today's step and with
+the ``baseline`` step (the layouts before issue 16, ``moe_cl.core.bank.legacy_layouts``), side
+by side in one run."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -30,35 +34,53 @@ from moe_cl.bench.training import (
     timed_strategy,
     timed_train,
 )
+from moe_cl.core.bank import legacy_layouts
 from moe_cl.data import dataset_tensors
-from moe_cl.plugins import ReferenceTrainError
+from moe_cl.plugins import ReferenceTrainError, SampleSimilarityRegularizer
 from moe_cl.strategies import MoEStrategy
 
 PLAIN, NAIVE = "plain PyTorch loop", "Avalanche Naive"
 FAST, LOADERS = "MoEStrategy fast_data=True", "MoEStrategy fast_data=False"
 MEASURED = "MoEStrategy fast_data=True + reference train error"
+BASELINE = "MoEStrategy fast_data=True, baseline step"
+SOFTMAX, SOFTMAX_BASELINE = "original MoE (softmax gate)", "original MoE, baseline step"
+LS, LS_BASELINE = "attentive + L_s", "attentive + L_s, baseline step"
+# L_s as the paper_fmnist preset sets it (strategies/attentive_ls.yaml, by_benchmark).
+PAPER_LS = partial(SampleSimilarityRegularizer, beta_s=1e-6, beta_d=1e-2, scaling="reference")
 # Each strategy variant: its class and the options that set it apart (``plugins``: the plugin
-# classes, a fresh one of each per run).
+# classes, a fresh one of each per run; ``gate``: the mixture's gate, attentive by default;
+# ``legacy``: the baseline step, inside ``legacy_layouts()``).
 STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
     FAST: (MoEStrategy, {"fast_data": True}),
+    BASELINE: (MoEStrategy, {"fast_data": True, "legacy": True}),
+    SOFTMAX: (MoEStrategy, {"fast_data": True, "gate": "softmax"}),
+    SOFTMAX_BASELINE: (MoEStrategy, {"fast_data": True, "gate": "softmax", "legacy": True}),
+    LS: (MoEStrategy, {"fast_data": True, "plugins": (PAPER_LS,)}),
+    LS_BASELINE: (MoEStrategy, {"fast_data": True, "plugins": (PAPER_LS,), "legacy": True}),
     MEASURED: (MoEStrategy, {"fast_data": True, "plugins": (ReferenceTrainError,)}),
     LOADERS: (MoEStrategy, {"fast_data": False}),
     NAIVE: (Naive, {"criterion": torch.nn.NLLLoss()}),  # NLLLoss on the mixture's log-probs
 }
 EPOCH_VARIANTS = (PLAIN, *STRATEGIES)
-FAST_PATH = (FAST, MEASURED)  # they train on a copy of the benchmark that nothing has indexed
+# They train on a copy of the benchmark that nothing has indexed.
+FAST_PATH = tuple(v for v, (_, options) in STRATEGIES.items() if options.get("fast_data"))
+# Today's step and the baseline step of each of the paper's mixtures.
+STEPS = {"attentive": (FAST, BASELINE), "original (softmax gate)": (SOFTMAX, SOFTMAX_BASELINE),
+         "attentive + L_s": (LS, LS_BASELINE)}
 
 
 def run_strategy(
     strategy_class: type, experience: Any, *, epochs: int, batch: int, device: torch.device,
-    plugins: Sequence[Callable[[], SupervisedPlugin]] = (), **options: Any,
+    plugins: Sequence[Callable[[], SupervisedPlugin]] = (), gate: str = "attentive",
+    legacy: bool = False, **options: Any,
 ) -> EpochRun:
-    """``strategy_class(...).train`` of the attentive mixture (M = 5) on one experience, with a
-    fresh plugin from each of ``plugins``."""
-    strategy, clock = timed_strategy(strategy_class, paper_model("fmnist", 5), epochs=epochs,
-                                     batch=batch, device=device,
+    """``strategy_class(...).train`` of the mixture with ``gate`` (M = 5) on one experience,
+    with a fresh plugin from each of ``plugins``; ``legacy``: with the baseline step."""
+    strategy, clock = timed_strategy(strategy_class, paper_model("fmnist", 5, gate=gate),
+                                     epochs=epochs, batch=batch, device=device,
                                      plugins=[make() for make in plugins], **options)
-    return timed_train(strategy, experience, clock, device)
+    with legacy_layouts() if legacy else nullcontext():
+        return timed_train(strategy, experience, clock, device)
 
 
 def _gather_with_loader(dataset: Any) -> tuple[Tensor, Tensor]:
@@ -200,8 +222,8 @@ def run(sizes: Sizes, device: torch.device, options: Options) -> dict[str, Any]:
     rows += rows_for(f"gather {n} samples into tensors", gather, loader)
 
     return {
-        "title": f"one training epoch of paper_fmnist, attentive MoE M=5, batch "
-        f"{sizes.epoch_batch} ({source})",
+        "title": f"one training epoch of paper_fmnist, the paper's MoE M=5 (attentive unless "
+        f"named), batch {sizes.epoch_batch} ({source})",
         "rows": rows,
         "targets": _targets(steady if epochs > 1 else first, whole,
                             "steady epoch" if epochs > 1 else "epoch 1"),
@@ -210,7 +232,8 @@ def run(sizes: Sizes, device: torch.device, options: Options) -> dict[str, Any]:
             "samples": n,
             "epochs_per_call": epochs,
             "batch": sizes.epoch_batch,
-            "model": "MixtureOfExperts(architecture='fmnist', gate='attentive', num_experts=5)",
+            "model": "MixtureOfExperts(architecture='fmnist', gate='attentive', num_experts=5); "
+                     f"{SOFTMAX}: gate='softmax'; {LS}: + {_describe(PAPER_LS)}",
             "optimizer": "Adam(lr=1e-3)",
             "samples_per_epoch": {v: [s for r in rs for s in r.samples] for v, rs in runs.items()},
             "iterations_per_epoch": -(-n // sizes.epoch_batch),
@@ -225,28 +248,42 @@ def run(sizes: Sizes, device: torch.device, options: Options) -> dict[str, Any]:
             "+ reference train error: the fast path with ReferenceTrainError (a second no-grad "
             "forward of each mini-batch after its step; train.reference_train_error, on for the "
             "paper_* benchmarks): the ratio to the fast path without it is its cost.",
+            "baseline step: the same mixture with the layouts before issue 16 (one-channel "
+            "convolutions and max-pooling in NCHW on the CPU: moe_cl.core.bank.legacy_layouts); "
+            "the ratio baseline / today per mixture is the step's speed-up.",
         ],
     }
 
 
 def _targets(epoch: dict[str, list[float]], whole: dict[str, list[float]],
              label: str) -> list[dict[str, Any]]:
-    """MoEStrategy's fast path within 15 % of the plain loop, and Naive 1.5x slower than it,
+    """MoEStrategy's fast path within 10 % of the plain loop, and Naive 1.5x slower than it,
     per epoch (``label``) and over the whole train() call; the reference train error adds at
-    most half an epoch more (its forward has no backward)."""
+    most half an epoch more (its forward has no backward); each mixture's step 1.25x faster
+    than its baseline step."""
     moe, plain, naive, measured = (statistics.median(epoch[v])
                                    for v in (FAST, PLAIN, NAIVE, MEASURED))
     wmoe, wplain, wnaive = (statistics.median(whole[v]) for v in (FAST, PLAIN, NAIVE))
+    steps = [target(f"baseline step / today's step, {mixture}, {label}",
+                    statistics.median(epoch[baseline]) / statistics.median(epoch[today]), 1.25)
+             for mixture, (today, baseline) in STEPS.items()]
     return [
-        target(f"MoEStrategy (fast) / plain loop, {label}", moe / plain, 1.15, at_most=True),
+        target(f"MoEStrategy (fast) / plain loop, {label}", moe / plain, 1.10, at_most=True),
         target(f"MoEStrategy (fast) with / without the reference train error, {label}",
                measured / moe, 1.5, at_most=True),
         target(f"Naive / MoEStrategy (fast), {label}", naive / moe, 1.5),
         target(
-            "MoEStrategy (fast) / plain loop, whole train() call", wmoe / wplain, 1.15, at_most=True
+            "MoEStrategy (fast) / plain loop, whole train() call", wmoe / wplain, 1.10, at_most=True
         ),
         target("Naive / MoEStrategy (fast), whole train() call", wnaive / wmoe, 1.5),
+        *steps,
     ]
+
+
+def _describe(plugin: partial) -> str:
+    """``Name(key=value, ...)`` of a plugin factory."""
+    settings = ", ".join(f"{key}={value!r}" for key, value in plugin.keywords.items())
+    return f"{plugin.func.__name__}({settings})"
 
 
 def _memory_case(variant: str, sizes: Sizes, device: torch.device, options: Options) -> Fn:

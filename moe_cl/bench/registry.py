@@ -41,7 +41,8 @@ SECTIONS: dict[str, Entry] = {
     "epoch": Entry(
         "moe_cl.bench.epoch",
         "one paper_fmnist epoch: MoEStrategy (fast path with and without the reference train "
-        "error, loaders), a plain loop, Avalanche Naive",
+        "error, loaders; each mixture with today's and the baseline step), a plain loop, "
+        "Avalanche Naive",
     ),
     "topk": Entry("moe_cl.bench.topk", "top-1 / top-2 against dense inference, distilled gate"),
     "memory": Entry(

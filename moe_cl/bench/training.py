@@ -105,10 +105,11 @@ def paper_stream(
     return bm, f"synthetic {name}-shaped tensors ({n_train} training samples)"
 
 
-def paper_model(architecture: str, num_experts: int) -> MixtureOfExperts:
-    """The paper's attentive mixture, with the same initial weights in every call."""
+def paper_model(architecture: str, num_experts: int, gate: str = "attentive") -> MixtureOfExperts:
+    """The paper's mixture (attentive by default), with the same initial weights in every
+    call."""
     torch.manual_seed(0)
-    return MixtureOfExperts(architecture=architecture, gate="attentive", num_experts=num_experts)
+    return MixtureOfExperts(architecture=architecture, gate=gate, num_experts=num_experts)
 
 
 def timed_strategy(

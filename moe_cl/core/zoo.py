@@ -27,6 +27,8 @@ from moe_cl.core.bank import (
     ExpertSpec,
     Flatten,
     Hidden,
+    LayoutConv2d,
+    LayoutMaxPool2d,
     Linear,
     MaxPool,
     ReferenceExpert,
@@ -74,7 +76,7 @@ def _small_image_expert(width: int, classes: int, hidden: int = 32) -> ExpertSpe
 
 def _mnist_gate(kind: GateKind) -> nn.Module:
     layers: list[nn.Module] = [
-        nn.Conv2d(1, 1, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+        LayoutConv2d(1, 1, 3), LayoutMaxPool2d(2), nn.ReLU(), nn.Flatten(),
         nn.Linear(169, 128), nn.ReLU(), nn.Linear(128, 32),
     ]  # fmt: skip
     if kind == "softmax":
@@ -85,7 +87,7 @@ def _mnist_gate(kind: GateKind) -> nn.Module:
 def _fmnist_gate(kind: GateKind) -> nn.Module:
     # Both variants end with Linear(512, 32) and its ReLU.
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+        LayoutConv2d(1, 8, 3), nn.BatchNorm2d(8), LayoutMaxPool2d(2), nn.ReLU(), nn.Flatten(),
         nn.Linear(1352, 512), nn.ReLU(), nn.Linear(512, 32), nn.ReLU(),
     )  # fmt: skip
 
@@ -122,7 +124,7 @@ def _cifar_gate(fc: int, hidden: int) -> Callable[[GateKind], nn.Module]:
             layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=not with_bn))
             if with_bn:
                 layers.append(nn.BatchNorm2d(c_out))
-            layers += [nn.MaxPool2d(2), nn.ReLU()]
+            layers += [LayoutMaxPool2d(2), nn.ReLU()]
             c_in = c_out
         layers += [nn.Flatten(), nn.Linear(2048, fc), nn.ReLU(), nn.Linear(fc, hidden)]
         if kind == "softmax":

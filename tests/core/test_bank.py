@@ -1,9 +1,24 @@
 """The batched expert bank against the plain per-expert path."""
 
+import contextlib
+from functools import partial
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from moe_cl.core.bank import CHANNELS_LAST_MIN, ExpertBank, ExpertGroup, count_parameters
+from moe_cl.core.bank import (
+    CHANNELS_LAST_MIN,
+    NARROW_CHANNELS_LAST_MIN,
+    ExpertBank,
+    ExpertGroup,
+    LayoutConv2d,
+    LayoutMaxPool2d,
+    conv_layout,
+    count_parameters,
+    legacy_layouts,
+    max_pool,
+)
 from moe_cl.core.zoo import ARCHITECTURES, build_mixture, mlp_architecture
 
 
@@ -200,3 +215,75 @@ def test_pooling_before_relu_is_the_papers_network_bit_for_bit(name, part):
     assert torch.equal(outs[0][0], outs[1][0])
     for ours, theirs in zip(outs[0][1], outs[1][1], strict=True):
         assert torch.equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, legacy: bool) -> tuple:
+    """Output and every parameter's gradient of one forward and backward pass."""
+    model.zero_grad()
+    with legacy_layouts() if legacy else contextlib.nullcontext():
+        out = model(x)
+        logits = out.log_probs if hasattr(out, "log_probs") else out
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+    return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["mnist", "fmnist"])
+@pytest.mark.parametrize("gate", ["softmax", "attentive"])
+def test_channels_last_layouts_compute_what_nchw_computes(name, gate):
+    """The CPU layouts of one-channel inputs and pooling change the summation order of the
+    convolutions (not of BatchNorm, which stays NCHW): outputs and gradients agree to float
+    rounding, on images with a constant half (ties in the pooling windows)."""
+    torch.manual_seed(0)
+    core = build_mixture(ARCHITECTURES[name], gate=gate, num_experts=5).train()
+    x = torch.randn(32, 1, 28, 28)
+    x[..., :14] = -0.5
+    out, grads = _step(core, x, legacy=False)
+    legacy_out, legacy_grads = _step(core, x, legacy=True)
+    torch.testing.assert_close(out, legacy_out, rtol=1e-5, atol=1e-5)
+    for grad, legacy_grad in zip(grads, legacy_grads, strict=True):
+        torch.testing.assert_close(grad, legacy_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 4, 8])
+def test_max_pooling_channels_last_is_exact(channels):
+    """Same maxima, and every gradient on the first maximum of its window (ties included)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, channels, 26, 26)
+    x[:, :, :, :12] = 0.25
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pooled, reference = max_pool(ours, partial(F.max_pool2d, kernel_size=2)), F.max_pool2d(
+        theirs, 2)
+    weights = torch.randn_like(reference)
+    (pooled * weights).sum().backward()
+    (reference * weights).sum().backward()
+    assert torch.equal(pooled, reference) and pooled.is_contiguous()
+    assert torch.equal(ours.grad, theirs.grad) and ours.grad.is_contiguous()
+
+
+def test_layout_rules():
+    one_channel = torch.randn(2, 1, 8, 8)
+    assert conv_layout(one_channel, 3) is one_channel
+    viewed = conv_layout(one_channel, NARROW_CHANNELS_LAST_MIN)
+    assert viewed.data_ptr() == one_channel.data_ptr() and torch.equal(viewed, one_channel)
+    assert F.conv2d(viewed, torch.randn(4, 1, 3, 3)).is_contiguous(
+        memory_format=torch.channels_last)
+    wide = torch.randn(2, 3, 8, 8)
+    assert conv_layout(wide, CHANNELS_LAST_MIN).is_contiguous(memory_format=torch.channels_last)
+    assert conv_layout(wide, CHANNELS_LAST_MIN - 1) is wide
+    elsewhere = torch.empty(2, 1, 8, 8, device="meta")
+    assert conv_layout(elsewhere, 64) is elsewhere
+    with legacy_layouts():
+        assert conv_layout(one_channel, 8) is one_channel
+    assert conv_layout(one_channel, 8) is not one_channel
+    with pytest.raises(RuntimeError), legacy_layouts():
+        raise RuntimeError
+    assert conv_layout(one_channel, 8) is not one_channel  # the rule is back after an error
+
+
+def test_layout_modules_keep_the_parameter_names_of_torchs():
+    assert LayoutConv2d(1, 8, 3).state_dict().keys() == torch.nn.Conv2d(1, 8, 3).state_dict().keys()
+    assert isinstance(LayoutMaxPool2d(2), torch.nn.MaxPool2d)
+    assert not LayoutMaxPool2d(2).state_dict()
