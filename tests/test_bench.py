@@ -9,13 +9,15 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 import moe_cl.bench.__main__ as cli
-from moe_cl.bench import epoch, registry, report, runner, settings, training
+from moe_cl import precision
+from moe_cl.bench import epoch, gpu, registry, report, runner, settings, training
 from moe_cl.plugins import ReferenceTrainError
 
 TIMED_SECTIONS = ("bank", "ls", "epoch", "topk")
@@ -32,6 +34,7 @@ def one_thread():
 
 
 def run_tiny(out: Path, *only: str) -> dict:
+    """The tiny bench on the CPU; ``only``: the sections (and further options after them)."""
     args = ["--tiny", "--synthetic", "--device", "cpu", "--json", str(out / "bench.json"),
             "--data-root", str(out / "data")]
     assert cli.main(args + (["--only", *only] if only else [])) == 0
@@ -139,13 +142,26 @@ def test_each_section_prints_its_own_report(tiny_results):
     assert "L_s B=16 M=20: {'max_rel_diff': " in text and "target G G^T vs double loop" in text
 
 
-def test_gpu_section_runs_anywhere(tmp_path, capsys):
-    section = run_tiny(tmp_path, "gpu")["sections"]["gpu"]
-    assert set(section["info"]) == {"paper_fmnist", "paper_cifar100"}
+def test_gpu_section_runs_anywhere_in_each_variant(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # emulated where not
+    section = run_tiny(tmp_path, "gpu", "--gpu-variants", "fp32", "bf16")["sections"]["gpu"]
+    assert set(section["info"]) == {f"{name} {variant}" for name in ("paper_fmnist",
+                                                                     "paper_cifar100")
+                                    for variant in ("fp32", "bf16")}
     for res in section["info"].values():
         assert res["samples_per_epoch"] > 0 and 0 <= res["test_accuracy"] <= 1
-    assert len(section["rows"]) == 4 and all(row["median_s"] > 0 for row in section["rows"])
-    assert "paper_fmnist: test accuracy 0." in capsys.readouterr().out
+    assert len(section["rows"]) == 8 and all(row["median_s"] > 0 for row in section["rows"])
+    assert [t["target"] for t in section["targets"]] == [
+        "paper_cifar100 bf16 / fp32 samples per second, epoch (median)"]
+    assert "paper_fmnist bf16: test accuracy 0." in capsys.readouterr().out
+
+
+def test_gpu_variants_name_a_precision_and_compilation():
+    assert gpu.variant_options("bf16+compile") == {"precision": "bf16", "compile_model": True}
+    assert gpu.variant_options("tf32") == {"precision": "tf32", "compile_model": False}
+    assert cli.parse_args([]).options.gpu_variants == ("fp32",)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--gpu-variants", "fp16"])
 
 
 def test_plain_loop_and_strategy_epochs_see_the_same_samples():
@@ -187,6 +203,33 @@ def test_the_priced_variant_measures_the_reference_train_error(monkeypatch):
                              torch.device("cpu"), 1)()
     assert run.samples == [100]
     assert len(made) == 1 and 0 <= made[0].last_epoch_error <= 1
+
+
+def test_each_mixture_runs_with_todays_and_the_baseline_step(tiny_results):
+    section = tiny_results["sections"]["epoch"]
+    variants = {row["variant"] for row in section["rows"]}
+    for today, baseline in epoch.STEPS.values():
+        assert {today, baseline} <= variants
+    steps = [t for t in section["targets"] if t["target"].startswith("baseline step")]
+    assert len(steps) == len(epoch.STEPS)
+    assert all(t["kind"] == ">=" and t["threshold"] == 1.25 for t in steps)
+
+
+def test_only_the_baseline_step_runs_with_the_legacy_layouts(monkeypatch):
+    entered = []
+
+    @contextmanager
+    def recorded():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(epoch, "legacy_layouts", recorded)
+    experience = training.synthetic_benchmark(100, 20, (1, 28, 28), 10).train_stream[0]
+    for variant in (epoch.FAST, epoch.BASELINE):
+        run = epoch.epoch_runner(variant, experience, settings.PRESETS["tiny"],
+                                 torch.device("cpu"), 1)()
+        assert run.samples == [100]
+    assert entered == [True]
 
 
 def test_every_registered_section_is_a_module_with_a_section():

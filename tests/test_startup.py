@@ -66,3 +66,13 @@ def test_benchmark_names_follow_the_data_set_table():
     assert built is BENCHMARK_NAMES
     assert FILE_DATASETS == tuple(n for n, spec in DATASETS.items() if spec.folder is not None)
     assert GENERATED_DATASETS == tuple(n for n, spec in DATASETS.items() if spec.folder is None)
+
+
+def test_a_precision_the_device_lacks_is_refused_before_avalanche_loads(tmp_path):
+    out = tmp_path / "run"
+    lines, loaded = _loaded_after(
+        "from moe_cl.run import main\n"
+        f"print(main(['benchmark=tiny', 'device=cpu', 'train.precision=tf32', 'out_dir={out}']))")
+    assert lines == ["2"]
+    assert loaded == ["torch"]
+    assert not out.exists()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moe_cl.bench.registry import DEFAULT_SECTIONS, SECTIONS
-from moe_cl.bench.settings import PRESETS, PROG, Options, sizes_for
+from moe_cl.bench.settings import GPU_VARIANTS, PRESETS, PROG, Options, sizes_for
 from moe_cl.run_folder import folder_problem
 
 DESCRIPTION = "Side-by-side speed and memory measurements of moe-cl's hot paths."
@@ -64,6 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true",
                    help="use synthetic tensors even where real data are present")
     p.add_argument("--gpu-epochs", type=int, help="epochs of paper_fmnist in the gpu section")
+    p.add_argument("--gpu-cifar-epochs", type=int,
+                   help="epochs of paper_cifar100 in the gpu section (default 1)")
+    p.add_argument("--gpu-variants", nargs="+", choices=GPU_VARIANTS, default=["fp32"],
+                   metavar="VARIANT", help=f"what the gpu section trains with, each in turn, "
+                   f"among {', '.join(GPU_VARIANTS)} (train.precision, +compile: "
+                   "train.compile; default fp32)")
     p.add_argument("--epoch-batch", type=int,
                    help="mini-batch of the epoch section (default 512, the paper's); smaller "
                    "batches weigh per-iteration overheads more")
@@ -73,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.preset = args.preset or "full"
-    for option in ("repeats", "threads", "epoch_batch", "gpu_epochs"):
+    for option in ("repeats", "threads", "epoch_batch", "gpu_epochs", "gpu_cifar_epochs"):
         value = getattr(args, option)
         if value is not None and value < 1:
             p.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
@@ -82,8 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if problem:
             p.error(f"--json {args.json}: {problem}")
     args.sizes = sizes_for(args.preset, repeats=args.repeats, gpu_epochs=args.gpu_epochs,
-                           epoch_batch=args.epoch_batch)
-    args.options = Options(preset=args.preset, data_root=args.data_root, synthetic=args.synthetic)
+                           gpu_cifar_epochs=args.gpu_cifar_epochs, epoch_batch=args.epoch_batch)
+    args.options = Options(preset=args.preset, data_root=args.data_root, synthetic=args.synthetic,
+                           gpu_variants=tuple(dict.fromkeys(args.gpu_variants)))
     return args
 
 

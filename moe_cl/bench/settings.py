@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 PROG = "python -m moe_cl.bench"
+# The gpu section's variants: a precision (train.precision), optionally with train.compile.
+GPU_VARIANTS = ("fp32", "tf32", "bf16", "fp32+compile", "bf16+compile")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Sizes:
     topk_batch: int = 256
     topk_experts: int = 20
     gpu_epochs: int = 20
+    gpu_cifar_epochs: int = 1
     gpu_fmnist_samples: int | None = None
     gpu_cifar_samples: int | None = None
     memory_cases: tuple[str, ...] | None = None  # CPU only; None: every case of the memory section
@@ -80,3 +83,4 @@ class Options:
     preset: str  # passed on to the memory section's child processes
     data_root: Path
     synthetic: bool  # random tensors even where the real data are present
+    gpu_variants: tuple[str, ...] = ("fp32",)  # of GPU_VARIANTS, for the gpu section
