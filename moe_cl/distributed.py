@@ -11,7 +11,7 @@ module makes them one run (docs/scaling.md has the user's view):
   have no loggers;
 - every rank holds the whole data and the same random state, so all draw the same stream,
   permutation and augmentation; each global batch (``train.batch_size``) is split into
-  contiguous shards, one per rank (:class:`MoEStrategy` does it on the fast data path);
+  contiguous shards, one per rank (``MoEStrategy(ranks=...)`` on the fast data path);
 - no DDP wrapper: growth adds parameters after every experience, and Avalanche and our
   checkpoints name parameters without a ``module.`` prefix. ``plugins.DataParallel`` instead sums
   the gradients of all ranks after each backward pass in one flat all-reduce, each rank's loss
@@ -29,6 +29,7 @@ module makes them one run (docs/scaling.md has the user's view):
   gradients. Any other error on one rank is posted to torchrun's key-value store, where a
   watcher thread on every rank sees it within a second and ends its process (rank 0 releases
   the run folder first; the others wait for rank 0): no rank waits for a collective's timeout.
+  A SIGTERM (torchrun's, once a rank has ended; a scheduler's) reaches the watcher too.
 """
 
 from __future__ import annotations

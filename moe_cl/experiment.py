@@ -273,7 +273,8 @@ def run_experiment(cfg: DictConfig, out: Path, *, resume: bool = False,
                    bundle: BenchmarkBundle | None = None, echo=print,
                    ranks: Ranks | None = None) -> dict:
     """Run (or continue) the configured experiment in ``out``; returns results.json's dict
-    (under torchrun, ``ranks``: rank 0's; the others return an empty dict).
+    (under torchrun, ``ranks``, rank 0 alone writes it; a finished run read back is rank 0's
+    alone, the others return an empty dict).
 
     Stages: build, restore (a checkpoint, or a finished teacher to distil), then per stage of
     experiences train, distil, evaluate and write; figures last."""
