@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moe_cl.core.bank import conv_layout, max_pool
 
 # The feature maps a router may use; the mixture adds its own "gate_trunk".
 FEATURE_MAPS = ("pixels", "random_conv")
@@ -60,7 +63,10 @@ class RandomConvFeatures(nn.Module):
         return self.channels * side[0] * side[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(F.max_pool2d(F.conv2d(x, self.weight), self.pool)).flatten(1)
+        # The layouts of the experts' bank: a one-channel input's maps channels-last on the
+        # CPU, 2.3x faster here for 96 channels (docs/performance.md); the same features.
+        maps = F.conv2d(conv_layout(x, self.channels), self.weight)
+        return F.relu(max_pool(maps, partial(F.max_pool2d, kernel_size=self.pool))).flatten(1)
 
     def get_extra_state(self) -> dict:
         return {"in_channels": self.in_channels, "channels": self.channels,

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_cl.core.router import (
     ClassStatistics,
@@ -175,6 +176,16 @@ def test_feature_maps_out_features(input_shape, expected):
     assert (conv(x) >= 0).all()
     pixels = PixelFeatures()
     assert pixels.out_features(input_shape) == math.prod(input_shape) == pixels(x).shape[1]
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_random_conv_features_are_conv_pool_relu_in_nchw(in_channels):
+    """The channels-last layouts on the CPU change the convolution's summation order only."""
+    x = torch.randn(8, in_channels, 28, 28)
+    x[..., :10] = 0.5  # ties in the pooling windows
+    features = RandomConvFeatures(in_channels, channels=96, kernel=5, pool=4)
+    expected = F.relu(F.max_pool2d(F.conv2d(x, features.weight), 4)).flatten(1)
+    torch.testing.assert_close(features(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_random_conv_is_rebuilt_from_its_seed_and_saves_no_weights():
