@@ -20,7 +20,7 @@ from moe_cl import precision
 from moe_cl.bench import epoch, gpu, registry, report, runner, settings, training
 from moe_cl.plugins import ReferenceTrainError
 
-TIMED_SECTIONS = ("bank", "ls", "epoch", "topk")
+TIMED_SECTIONS = ("bank", "ls", "epoch", "router", "topk")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
@@ -232,11 +232,27 @@ def test_only_the_baseline_step_runs_with_the_legacy_layouts(monkeypatch):
     assert entered == [True]
 
 
+def test_router_section_prices_the_update_and_the_routed_evaluation(tiny_results):
+    section = tiny_results["sections"]["router"]
+    rows = {row["variant"]: row for row in section["rows"]}
+    assert len(rows["training epoch"]["samples_s"]) == 2 * 2  # 2 experiences x 2 epochs
+    assert len(rows["router update (after each experience)"]["samples_s"]) == 2
+    assert 0 < rows["router's part of that evaluation"]["median_s"] <= rows[
+        "evaluation of their test data"]["median_s"]
+    info = section["info"]
+    # counts and means of 10 classes and the shared scatter of 96 x 6 x 6 features, float64
+    assert info["router_features"] == 3456
+    assert info["statistics_bytes"] == 8 * (10 + 10 * 3456 + 3456**2)
+    [update] = section["targets"]
+    assert update["kind"] == "<=" and update["value"] > 1
+
+
 def test_every_registered_section_is_a_module_with_a_section():
     for name in registry.SECTIONS:
         section = registry.load(name)
         assert isinstance(section, registry.Section) and callable(section.run), name
-    assert registry.DEFAULT_SECTIONS == ("bank", "layers", "ls", "epoch", "topk", "memory")
+    assert registry.DEFAULT_SECTIONS == ("bank", "layers", "ls", "epoch", "router", "topk",
+                                         "memory")
 
 
 def test_cli_options():

@@ -44,6 +44,10 @@ SECTIONS: dict[str, Entry] = {
         "error, loaders; each mixture with today's and the baseline step), a plain loop, "
         "Avalanche Naive",
     ),
+    "router": Entry(
+        "moe_cl.bench.router",
+        "the routed mixture's router (statistics update, routed evaluation) beside its training",
+    ),
     "topk": Entry("moe_cl.bench.topk", "top-1 / top-2 against dense inference, distilled gate"),
     "memory": Entry(
         "moe_cl.bench.memory", "peak memory of each configuration (CPU: a fresh process each)"

@@ -65,10 +65,12 @@ def quiet_evaluator() -> EvaluationPlugin:
 
 
 def synthetic_benchmark(
-    n_train: int, n_test: int, shape: tuple[int, ...], n_classes: int, seed: int = 0
+    n_train: int, n_test: int, shape: tuple[int, ...], n_classes: int, seed: int = 0,
+    n_experiences: int = 1,
 ) -> Any:
-    """One experience of random tensors shaped like a real data set (when it is absent), made
-    by the generator of the real paper streams, so that it is held and read like them."""
+    """Random tensors shaped like a real data set (when it is absent), in ``n_experiences``
+    experiences of consecutive classes, made by the generator of the real streams, so that they
+    are held and read like them."""
     g = torch.Generator().manual_seed(seed)
 
     def dataset(n: int) -> TensorDataset:
@@ -77,8 +79,9 @@ def synthetic_benchmark(
         y[: min(n, n_classes)] = torch.arange(min(n, n_classes))  # every class present
         return TensorDataset(x, y)
 
-    return nc_benchmark(dataset(n_train), dataset(n_test), n_experiences=1, task_labels=False,
-                        shuffle=False, fixed_class_order=list(range(n_classes)))
+    return nc_benchmark(dataset(n_train), dataset(n_test), n_experiences=n_experiences,
+                        task_labels=False, shuffle=False,
+                        fixed_class_order=list(range(n_classes)))
 
 
 def paper_stream(
