@@ -15,9 +15,9 @@
 #      CIFAR-shaped samples, or the real ones if present), per-epoch times, samples/s, peak CUDA
 #      memory; the target bf16 >= 1.5x fp32 on the CIFAR-100 mixture (its test error must match
 #      within 0.5 points too, which needs full-length runs: not measured here).
-#   4. split_fmnist, the default run (5 experiences, batch 128, attentive + L_s, growth) end to
-#      end with train.precision=fp32, tf32, bf16 and with train.compile=true.
-#   5. split_fmnist with strategy=routed (the routed mixture), fp32.
+#   4. split_fmnist with the paper's mixture (strategy=attentive_ls: 5 experiences, batch 128,
+#      growth) end to end with train.precision=fp32, tf32, bf16 and with train.compile=true.
+#   5. split_fmnist with its default strategy=routed (the routed mixture), fp32.
 #   6. step 2's run through torchrun (one run data-parallel, moe_cl.distributed) on 1 rank
 #      and, when the machine has 2 GPUs or more, on 2 ranks (NCCL, SyncBatchNorm).
 #   7. only with GPU_CHECK_BENCH=1: `python -m moe_cl.bench --quick` on the GPU (all sections
@@ -188,7 +188,8 @@ for setting in "${SPLIT_SETTINGS[@]}"; do
   name=${name//=/_}
   limit=$([[ $setting == *compile* ]] && echo 150 || echo 75)
   step "$name" "$limit" "$OUT/runs/$name" \
-    "${RUN[@]}" benchmark=split_fmnist "${SPLIT[@]}" "$setting" "out_dir=$OUT/runs/$name"
+    "${RUN[@]}" benchmark=split_fmnist strategy=attentive_ls "${SPLIT[@]}" "$setting" \
+    "out_dir=$OUT/runs/$name"
 done
 
 # -- 5. the routed mixture --------------------------------------------------------------------
