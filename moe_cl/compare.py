@@ -47,7 +47,7 @@ ROUTED_VARIANTS = {"": (), "+replay": (f"replay.mem_size={REPLAY_MEMORY}",),
                    "+noLs": ("regularizer.ls.beta_s=0", "regularizer.ls.beta_d=0"),
                    "+max6": ("experts.max=6",)}
 COLUMNS = ("average_accuracy", "forgetting", "task_aware_average_accuracy", "H_s", "H_u", "MI",
-           "num_experts", "num_parameters", "wall_time_s")
+           "router_error", "num_experts", "num_parameters", "wall_time_s")
 
 
 def variants(scenario: str) -> list[suite.Variant]:
@@ -120,10 +120,10 @@ def table(rows: list[dict]) -> dict:
 
 def markdown(summary: dict, benchmark: str) -> str:
     head = ("| strategy | seeds | final avg accuracy | forgetting | task-aware accuracy | H_s |"
-            " H_u | I(E;Y) | experts | parameters | wall time (s) | collapsed |")
+            " H_u | I(E;Y) | router error | experts | parameters | wall time (s) | collapsed |")
     lines = [f"### {benchmark}: mean +- std over seeds; collapsed: runs with H_u < "
              f"{suite.COLLAPSE_H_U} bits (every test sample on one expert)", "", head,
-             "|" + "---|" * 12]
+             "|" + "---|" * (len(COLUMNS) + 3)]
     for name, entry in summary.items():
         cells = []
         for column in COLUMNS:

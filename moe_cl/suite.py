@@ -65,8 +65,8 @@ RUN_DIED = 1
 COLLAPSE_H_U = 0.1  # bits: (nearly) every sample routed to one expert
 FIELDS = ("run", "category", "seed", "train_error", "train_error_reference", "test_error",
           "MI_pred", "MI", "H_s", "H_u", "average_accuracy", "forgetting",
-          "task_aware_average_accuracy", "num_experts", "experts_added", "num_parameters",
-          "wall_time_s")
+          "task_aware_average_accuracy", "router_error", "num_experts", "experts_added",
+          "num_parameters", "wall_time_s")
 # Keys the suite sets itself for every run, and how to choose them instead.
 CONTROLLED = {
     "seed": "use --seeds N (runs seeds 0..N-1)",

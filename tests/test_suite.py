@@ -178,3 +178,18 @@ def test_committed_paper_runs_made_before_the_reference_train_error_still_count(
     rows = suite.finished_runs("paper_fmnist", reproduce.variants(
         "paper_fmnist", list(reproduce.VARIANTS), grid=True), out)
     assert len(rows) == 45 and all(r["train_error_reference"] is None for r in rows)
+
+
+def test_the_compare_table_shows_the_routers_own_error_where_there_is_one():
+    entry = {column: (0.5, None) for column in compare.COLUMNS}
+    routed = entry | {"seeds": 1, "router_error": (0.1039, 0.002), "collapsed": 0}
+    naive = entry | {"seeds": 1, "router_error": None, "H_u": None, "collapsed": None}
+    lines = compare.markdown({"routed+pixels-class": routed, "naive-class": naive},
+                             "split_fmnist").splitlines()
+    head = next(line for line in lines if line.startswith("| strategy"))
+    column = head.split(" | ").index("router error")
+    assert lines[lines.index(head) + 1].count("---") == len(head.split(" | "))
+    assert next(line for line in lines if line.startswith("| routed+pixels-class")).split(
+        " | ")[column] == suite.format_mean_std((0.1039, 0.002))
+    assert next(line for line in lines if line.startswith("| naive-class")).split(
+        " | ")[column] == "-"
