@@ -324,8 +324,22 @@ class Ranks:
         os.set_blocking(write_end, False)
         signal.signal(signal.SIGTERM, lambda *_: self._terminated())
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, args=(wakeup,), name="moe_cl-ranks",
-                         daemon=True).start()
+        watcher = threading.Thread(target=self._watch, args=(wakeup,), name="moe_cl-ranks",
+                                   daemon=True)
+        watcher.start()
+        atexit.register(self._stop_watching, watcher, write_end)
+
+    def _stop_watching(self, watcher: threading.Thread, wakeup: int) -> None:
+        """At exit, before the interpreter finalises: end the watcher and wait for it. A daemon
+        thread still inside a call to the store when Python finalises is ended by a forced
+        unwind through torch's C++ code, which aborts the process ("terminate called without
+        an active exception", exit -6) after a run that had ended well."""
+        self._stopping = True
+        try:
+            os.write(wakeup, b"\0")  # not SIGTERM's byte: it only ends the watcher's pause
+        except OSError:
+            pass
+        watcher.join(timeout=4 * WATCH_INTERVAL_S)
 
     def _terminated(self) -> None:
         """Ended from outside: rank 0 releases the run folder; the exit code is that of the
