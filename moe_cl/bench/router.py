@@ -77,8 +77,7 @@ def run(sizes: Sizes, device: torch.device, options: Options) -> dict[str, Any]:
         before = update.seconds
         runs.append(timed_train(strategy, experience, clock, device))
         updates.append(update.seconds - before)
-        clock.run = type(clock.run)(0.0)
-        clock.starts.clear()
+        clock.next_run()
 
     features = model.router_features = Stopwatch(model.router_features, device)
     scores = model.statistics.log_likelihoods = Stopwatch(model.statistics.log_likelihoods, device)

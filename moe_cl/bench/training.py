@@ -46,6 +46,11 @@ class EpochClock(SupervisedPlugin):
         self.starts: list[float] = []
         self.run = EpochRun(0.0)
 
+    def next_run(self) -> None:
+        """Start a fresh record for the next ``train()`` call of the same strategy."""
+        self.starts.clear()
+        self.run = EpochRun(0.0)
+
     def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         sync(self.device)
         self.starts.append(time.perf_counter())
