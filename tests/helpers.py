@@ -81,3 +81,12 @@ def grown_task_mixture():
     for exp in bundle.benchmark.train_stream[:2]:
         strategy.train(exp)
     return model, build, bundle
+
+
+def one_error_line(capsys) -> str:
+    """The one line a usage or run error prints (``error: ...``, no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]

@@ -1,5 +1,5 @@
-"""What the suite tests share: a compare call on the tiny benchmark and the one-line error
-check (the finished suite folders they start from are fixtures: conftest.py)."""
+"""What the suite tests share: a compare call on the tiny benchmark and the table files (the
+finished suite folders they start from are fixtures: conftest.py)."""
 
 from pathlib import Path
 
@@ -12,14 +12,6 @@ def compare_tiny(out: Path, *options: str, overrides=(), seeds: int = 1) -> int:
     """python -m moe_cl.compare tiny, one epoch, class-incremental runs, into ``out``."""
     return compare.main(["tiny", *FAST, *overrides, "--seeds", str(seeds), "--scenarios",
                          "class", "--out", str(out), *options])
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def table_files(out: Path) -> dict:

@@ -24,7 +24,7 @@ from moe_cl.core.bank import count_parameters
 from moe_cl.core.zoo import Architecture, mlp_architecture
 from moe_cl.models import MixtureOfExperts, SingleExpertModel
 from moe_cl.run import main
-from tests.helpers import quiet_evaluator, tiny
+from tests.helpers import one_error_line, quiet_evaluator, tiny
 
 QUIET = ["logging.interactive=false", "logging.tensorboard=false", "logging.figures=false"]
 VOLATILE = {"wall_time_s", "config"}
@@ -296,8 +296,7 @@ def test_killed_runs_resume_to_identical_results(tmp_path, monkeypatch, args):
 def test_bad_settings_are_one_line_usage_errors(tmp_path, capsys, args, message):
     code, _ = _run(tmp_path, *args)
     assert code == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 

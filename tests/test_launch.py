@@ -16,7 +16,8 @@ from moe_cl import launch, reproduce, suite
 from moe_cl.launch import Launch, RunDied
 from moe_cl.run_folder import LOCK, read_results
 from moe_cl.suite import Outcome, RunSpec
-from tests.suite_helpers import compare_tiny, one_error_line, table_files
+from tests.helpers import one_error_line
+from tests.suite_helpers import compare_tiny, table_files
 
 
 def _accuracies(out: Path) -> dict:
@@ -160,7 +161,8 @@ def test_shards_are_disjoint_cover_every_run_and_keep_a_teacher_with_its_student
     runs = _specs(list(reproduce.VARIANTS), seeds=(0, 1, 2))
     parts = [suite.shard(runs, index, 4) for index in (1, 2, 3, 4)]
     assert sorted(s.key for part in parts for s in part) == sorted(s.key for s in runs)
-    assert all(len(part) >= 5 for part in parts)  # 27 runs in parts of 6 or 7
+    sizes = sorted(len(part) for part in parts)  # 27 runs: 6-8 each, a teacher with its student
+    assert sizes[0] >= 6 and sizes[-1] - sizes[0] <= 2, sizes
     for part in parts:
         keys = {s.key for s in part}
         assert all(s.teacher_key in keys for s in part if s.variant.teacher)

@@ -18,7 +18,7 @@ from moe_cl.core.zoo import ARCHITECTURES, build_mixture
 from moe_cl.data import dataset_tensors
 from moe_cl.run import main
 from moe_cl.strategies import MoEStrategy, cuda_tf32
-from tests.helpers import moe_strategy, tiny
+from tests.helpers import moe_strategy, one_error_line, tiny
 
 FAST = ["benchmark=tiny", "logging.interactive=false", "logging.tensorboard=false",
         "logging.figures=false"]
@@ -72,8 +72,7 @@ def test_a_precision_the_cpu_lacks_is_a_usage_error(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     code, out = _run(tmp_path, "device=cpu", f"train.precision={setting}")
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1
+    assert one_error_line(capsys).startswith(f"error: {message}")
     assert not out.exists()
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moe_cl import compare, reproduce, suite
-from tests.suite_helpers import compare_tiny, one_error_line, table_files
+from tests.helpers import one_error_line
+from tests.suite_helpers import compare_tiny, table_files
 
 
 def test_missing_device_is_a_usage_error_naming_the_run(tmp_path, capsys, monkeypatch):
