@@ -9,6 +9,7 @@ and ranges it cannot express are checked in :func:`validate`. Every problem beco
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,8 +370,11 @@ def _valid_keys(parent: str) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        if key == "device" and re.fullmatch(r"cuda:\d+", str(value)):
+            continue  # one GPU by number (the suites' --jobs hand each run its own)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+            named = [*choices, "cuda:N"] if key == "device" else choices
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(named)}")
     for keys, lowest, strict in ((POSITIVE, 1, False), (NON_NEGATIVE, 0, False),
                                  (ABOVE_ZERO, 0, True)):
         for key in keys:

@@ -268,7 +268,7 @@ def _device_problem(cfg: DictConfig) -> str | None:
         return None
     import torch
 
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     return precision_problem(cfg.train.precision, "cuda" if cuda else "cpu")
 
 

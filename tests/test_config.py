@@ -3,6 +3,7 @@ section is the models' ExpertPolicy; saved run configurations still load."""
 
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from moe_cl import config
@@ -47,3 +48,11 @@ def test_a_benchmark_preset_names_its_default_strategy():
     assert compose(["benchmark=paper_fmnist"]).strategy == "attentive_ls"  # the paper's method
     assert compose(["benchmark=split_fmnist", "strategy=naive"]).method == "naive"
     assert "strategy" not in compose(["benchmark=split_fmnist"]).data  # a choice, not a setting
+
+
+def test_a_gpu_by_number_is_a_device():
+    """The suites' --jobs hands each run its own GPU as device=cuda:N."""
+    assert config.compose(["benchmark=tiny", "device=cuda:1"]).device == "cuda:1"
+    for bad in ("gpu", "cuda:x", "cuda:1:2", "cuda:-1"):
+        with pytest.raises(config.ConfigError, match="choose one of: auto, cpu, cuda, cuda:N"):
+            config.compose(["benchmark=tiny", f"device={bad}"])
