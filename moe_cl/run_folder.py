@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -131,7 +132,8 @@ def _temporary_name(path: Path) -> Path:
 
 
 def _is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(".tmp")
+    """A file :func:`_temporary_name` named (``.NAME.PID-HEX.tmp``), not any hidden .tmp."""
+    return re.fullmatch(r"\..+\.\d+-[0-9a-f]+\.tmp", path.name) is not None
 
 
 def _free_space(path: Path) -> str:
@@ -236,7 +238,8 @@ def claim_folder(folder: Path, echo: Callable[[str], None] = print) -> RunLock:
     else:
         raise FolderInUse(_in_use(folder, _read_lock(lock)))
     for leftover in (*folder.glob(".*.tmp"), *(folder / FIGURES).glob(".*.tmp")):
-        leftover.unlink(missing_ok=True)
+        if _is_temporary(leftover):  # a write of ours cut short; not a user's file
+            leftover.unlink(missing_ok=True)
     return RunLock(folder, made)
 
 

@@ -200,9 +200,10 @@ def test_a_live_holder_is_refused_and_a_gone_one_taken_over(tmp_path, live_proce
     live_process.kill()
     live_process.wait()
     (tmp_path / ".results.json.123-abcd.tmp").write_text("half")  # left by a killed writer
+    (tmp_path / ".notes.tmp").write_text("a user's")  # not a name our writes use
     claim_folder(tmp_path, echo=print).release()
     assert f"taking over the lock of process {live_process.pid}" in capsys.readouterr().out
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".notes.tmp"]
 
 
 def test_which_locks_are_stale(tmp_path, monkeypatch):
