@@ -7,7 +7,7 @@ own experts) with the attentive gate, each with and without L_s and with and wit
 and the unregularised original (softmax-gate) mixture with a fixed set of experts; the routed
 mixture (``routed+FEATURES``: routing that cannot forget, moe_cl.routed) in each feature space
 of its router, and in its default one also with replay, without L_s and with a cap of 6 experts
-(reuse); next to
+(reuse) (task-incremental: the default one, with and without replay); next to
 every method of the registry without a mixture, all with the same epochs: Avalanche's naive,
 EWC, LwF, replay, joint training and SI on the single-expert backbone; the continual ones also
 on the gate network as a classifier (``gate-NAME``: model.backbone=gate, about the mixture's
@@ -145,8 +145,9 @@ def markdown(summary: dict, benchmark: str) -> str:
 
 
 def baselines() -> list[str]:
-    """The methods without a mixture (Avalanche's strategies on the single-expert backbone),
-    each run with its strategy preset."""
+    """The methods without a mixture, each run with its strategy preset: Avalanche's strategies
+    on the single-expert backbone (the continual ones also on the gate network, ``gate_rows``)
+    and streaming LDA on frozen features (``slda``)."""
     return [name for name, method in METHODS.items() if not method.mixture]
 
 
