@@ -65,7 +65,8 @@ MAIN_KEYS = (
     "regularizer.ls.beta_d", "regularizer.ls.scaling", "replay.mem_size", "distill.epochs",
     "distill.teacher", "eval.top_k", "logging.interactive", "logging.tensorboard", "logging.csv",
 )
-PLACEHOLDERS = {"out_dir": "PATH", "resume": "true|RUN_FOLDER", "distill.teacher": "RUN_FOLDER"}
+PLACEHOLDERS = {"out_dir": "PATH", "resume": "true|RUN_FOLDER", "distill.teacher": "RUN_FOLDER",
+                "device": "auto|cpu|cuda[:N]"}
 HELP_WIDTH = 96
 FOLLOWER_LINGER_S = 10  # moe_cl.distributed.LINGER_S (not imported: it imports torch)
 
