@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,21 +19,22 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 def dataset_tensors(dataset: Dataset, chunk: int = 4096) -> Batch:
-    """All (x, y, task label) samples of a dataset as three tensors.
+    """All (x, y, task label) samples of a dataset as three tensors, as the dataset returns them.
 
-    Avalanche datasets without transforms (every benchmark of ``moe_cl.benchmarks``, their
-    subsets and concatenations) are read by following Avalanche's index tree down to the stored
-    tensors: no per-sample work. Anything else is read once through a ``DataLoader`` in large
-    chunks, transforms applied. The result may share memory with the stored data: treat it as
-    read-only.
+    Avalanche datasets whose only transforms are class-id lookups (every benchmark of
+    ``moe_cl.benchmarks``, Avalanche's remapped ``nc_benchmark`` streams, their subsets and
+    concatenations) are read by following Avalanche's index tree down to the stored tensors,
+    each level's lookups applied to the labels: no per-sample work. Anything else is read once
+    through a ``DataLoader`` in large chunks, transforms applied. The result may share memory
+    with the stored data: treat it as read-only.
     """
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty")
-    if not has_transforms(dataset):
-        leaves: list[tuple[Any, Tensor, Tensor]] = []
+    if not has_transforms(dataset, except_class_lookups=True):
+        leaves: list[Leaf] = []
         _leaf_rows(dataset, torch.arange(n), torch.arange(n), leaves)
-        if all(isinstance(leaf, TensorDataset) for leaf, _, _ in leaves):
+        if all(isinstance(leaf.data, TensorDataset) for leaf in leaves):
             return _gather_tensors(dataset, leaves, n)
     xs, ys, ts = [], [], []
     # A private generator: a DataLoader draws its base seed even without shuffling, and the
@@ -48,21 +50,43 @@ def dataset_tensors(dataset: Dataset, chunk: int = 4096) -> Batch:
     return torch.cat(xs), torch.cat(ys).long(), torch.cat(ts).long()
 
 
-def _gather_tensors(dataset: Any, leaves: list[tuple[Any, Tensor, Tensor]], n: int) -> Batch:
+@dataclass(frozen=True)
+class Leaf:
+    """Rows of one stored dataset, the positions they fill in the whole, and the class-id
+    lookups between them and the top, innermost first (the order ``__getitem__`` applies them)."""
+
+    data: Any
+    rows: Tensor
+    pos: Tensor
+    lookups: tuple[Callable[[Any], Any], ...] = ()
+
+
+def _gather_tensors(dataset: Any, leaves: list[Leaf], n: int) -> Batch:
     tasks = _gather_labels(dataset.targets_task_labels, n)
     if len(leaves) == 1:
-        leaf, rows, _ = leaves[0]
-        lo = int(rows[0])
-        if torch.equal(rows, torch.arange(lo, lo + n)):  # a contiguous block: no copy at all
-            return leaf.tensors[0][lo : lo + n], leaf.tensors[1][lo : lo + n].long(), tasks
-        return leaf.tensors[0][rows], leaf.tensors[1][rows].long(), tasks
-    first = leaves[0][0].tensors[0]
+        leaf = leaves[0]
+        lo = int(leaf.rows[0])
+        if torch.equal(leaf.rows, torch.arange(lo, lo + n)):  # a contiguous block: no copy
+            x, y = leaf.data.tensors[0][lo : lo + n], leaf.data.tensors[1][lo : lo + n]
+        else:
+            x, y = leaf.data.tensors[0][leaf.rows], leaf.data.tensors[1][leaf.rows]
+        return x, _looked_up(y.long(), leaf.lookups), tasks
+    first = leaves[0].data.tensors[0]
     x = first.new_empty((n, *first.shape[1:]))
     y = torch.empty(n, dtype=torch.int64)
-    for leaf, rows, pos in leaves:
-        x[pos] = leaf.tensors[0][rows]
-        y[pos] = leaf.tensors[1][rows].long()
+    for leaf in leaves:
+        x[leaf.pos] = leaf.data.tensors[0][leaf.rows]
+        y[leaf.pos] = _looked_up(leaf.data.tensors[1][leaf.rows].long(), leaf.lookups)
     return x, y, tasks
+
+
+def _looked_up(labels: Tensor, lookups: tuple[Callable[[Any], Any], ...]) -> Tensor:
+    """Labels passed through class-id lookups, each called once per distinct class id, exactly
+    as Avalanche calls it on every sample."""
+    for lookup in lookups:
+        ids, where = labels.unique(return_inverse=True)
+        labels = torch.tensor([int(lookup(i)) for i in ids.tolist()], dtype=torch.int64)[where]
+    return labels
 
 
 def has_transforms(node: Any, *, except_class_lookups: bool = False) -> bool:
@@ -73,26 +97,53 @@ def has_transforms(node: Any, *, except_class_lookups: bool = False) -> bool:
     """
     inert = _class_lookup if except_class_lookups else _identity_lookup
     flat = getattr(node, "_flat_data", node)
-    for attr in ("_transform_groups", "_frozen_transform_groups"):
-        groups = getattr(flat, attr, None)
-        if groups is not None and _is_transform(
-            groups.transform_groups.get(groups.current_group), inert
-        ):
-            return True
+    if any(_is_transform(t, inert) for t in _current_transforms(flat)):
+        return True
     children = getattr(flat, "_datasets", []) or []
     return any(has_transforms(c, except_class_lookups=except_class_lookups) for c in children)
 
 
+def _current_transforms(flat: Any) -> list[Any]:
+    """The frozen and the changeable transform of one level in its current group, in the order
+    ``__getitem__`` applies them.
+
+    Avalanche keeps a remapping's lookup in a ``defaultdict`` that holds no entry for a group
+    until a sample of it is read: the default is what a read would use, so it is what counts.
+    """
+    found = []
+    for attr in ("_frozen_transform_groups", "_transform_groups"):
+        groups = getattr(flat, attr, None)
+        if groups is None:
+            continue
+        table, group = groups.transform_groups, groups.current_group
+        if group in table:
+            found.append(table[group])
+        elif getattr(table, "default_factory", None) is not None:
+            found.append(table.default_factory())
+    return found
+
+
+def _label_lookups(flat: Any) -> tuple[Callable[[Any], Any], ...]:
+    """The class-id lookups one level applies to the labels (the second element of a sample)."""
+    lookups = []
+    for transform in _current_transforms(flat):
+        parts = getattr(transform, "transforms", None) or ()
+        lookups.extend(p for i, p in enumerate(parts) if i == 1 and p is not None)
+    return tuple(lookups)
+
+
 def _is_transform(transform: Any, inert: Callable[[Any], bool]) -> bool:
-    """None and Avalanche's TupleTransform of Nones or ``inert`` parts do nothing."""
+    """None and Avalanche's TupleTransform of Nones or ``inert`` label parts do nothing."""
     if transform is None:
         return False
     parts = getattr(transform, "transforms", None)
-    return parts is None or any(p is not None and not inert(p) for p in parts)
+    if parts is None:
+        return True
+    return any(p is not None and (i != 1 or not inert(p)) for i, p in enumerate(parts))
 
 
 def _class_lookup(part: Any) -> bool:
-    """Avalanche installs ``partial(lookup, mapping)`` on targets once a sample has been read."""
+    """Avalanche remaps class ids with ``partial(lookup, mapping)`` on the targets."""
     return isinstance(part, functools.partial) and getattr(part.func, "__name__", "") == "lookup"
 
 
@@ -105,25 +156,31 @@ def _identity_lookup(part: Any) -> bool:
 
 
 def _leaf_rows(
-    node: Any, rows: Tensor, pos: Tensor, out: list[tuple[Any, Tensor, Tensor]]
+    node: Any,
+    rows: Tensor,
+    pos: Tensor,
+    out: list[Leaf],
+    lookups: tuple[Callable[[Any], Any], ...] = (),
 ) -> None:
-    """Map row numbers of an Avalanche dataset / FlatData tree to (leaf, rows in leaf, positions).
+    """Map row numbers of an Avalanche dataset / FlatData tree to leaves (stored dataset, rows in
+    it, positions in the whole, the class-id lookups on the way).
 
     Avalanche flattens subsets and concatenations into ``_datasets`` plus ``_indices``, so rows
     can be followed down with tensor index arithmetic instead of one ``__getitem__`` per sample.
     """
     if isinstance(node, TensorDataset):
-        out.append((node, rows, pos))
+        out.append(Leaf(node, rows, pos, lookups))
         return
     flat = getattr(node, "_flat_data", None)
     if flat is None:
         flat = getattr(node, "_data", None)  # DataAttribute
     if flat is not None and flat is not node:
-        _leaf_rows(flat, rows, pos, out)
+        _leaf_rows(flat, rows, pos, out, lookups)
         return
+    lookups = _label_lookups(node) + lookups  # this level's apply before the outer ones
     children = getattr(node, "_datasets", None)
     if children is None:
-        out.append((node, rows, pos))
+        out.append(Leaf(node, rows, pos, lookups))
         return
     indices = getattr(node, "_indices", None)
     if indices is not None:
@@ -134,23 +191,24 @@ def _leaf_rows(
         sel = which == k
         if bool(sel.any()):
             start = int(ends[k - 1]) if k else 0
-            _leaf_rows(child, rows[sel] - start, pos[sel], out)
+            _leaf_rows(child, rows[sel] - start, pos[sel], out, lookups)
 
 
 def _gather_labels(node: Any, n: int) -> Tensor:
     """Integer values (class or task labels) of rows 0..n-1 of a dataset attribute."""
     from avalanche.benchmarks.utils.flat_data import ConstantSequence
 
-    leaves: list[tuple[Any, Tensor, Tensor]] = []
+    leaves: list[Leaf] = []
     _leaf_rows(node, torch.arange(n), torch.arange(n), leaves)
     out = torch.empty(n, dtype=torch.int64)
-    for leaf, rows, pos in leaves:
-        if isinstance(leaf, ConstantSequence):
-            out[pos] = int(leaf[0])
-        elif isinstance(leaf, Tensor):
-            out[pos] = leaf[rows].to(torch.int64)
+    for leaf in leaves:
+        if isinstance(leaf.data, ConstantSequence):
+            out[leaf.pos] = int(leaf.data[0])
+        elif isinstance(leaf.data, Tensor):
+            out[leaf.pos] = leaf.data[leaf.rows].to(torch.int64)
         else:
-            out[pos] = torch.as_tensor([int(leaf[i]) for i in rows.tolist()], dtype=torch.int64)
+            values = [int(leaf.data[i]) for i in leaf.rows.tolist()]
+            out[leaf.pos] = torch.as_tensor(values, dtype=torch.int64)
     return out
 
 

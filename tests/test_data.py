@@ -79,3 +79,36 @@ def test_tensor_batches_see_every_sample_once_per_pass():
     dropped = TensorBatches((x, torch.arange(10), torch.zeros(10)), 4, shuffle=False,
                             drop_last=True)
     assert [len(b[0]) for b in dropped] == [4, 4]
+
+
+def _remapped_benchmark(**remap):
+    """Avalanche's own generator remapping class ids, freshly built: no sample read yet."""
+    from avalanche.benchmarks import nc_benchmark
+
+    from tests.helpers import tensor_dataset
+
+    torch.manual_seed(3)
+    x, y = torch.randn(200, 6), torch.arange(200) % 10
+    return nc_benchmark(tensor_dataset(x, y), tensor_dataset(x, y), n_experiences=5,
+                        task_labels="in_each_exp" in str(remap), seed=3, **remap)
+
+
+def test_remapped_class_ids_are_read_as_the_dataset_returns_them_on_a_fresh_benchmark():
+    """Avalanche installs its class lookup in a defaultdict that is empty until a sample is
+    read: the fast path must apply it on a fresh benchmark exactly as after a read."""
+    from moe_cl.data import has_transforms
+
+    for remap in ({"class_ids_from_zero_from_first_exp": True},
+                  {"class_ids_from_zero_in_each_exp": True}):
+        bm = _remapped_benchmark(**remap)
+        for experience in bm.train_stream:
+            dataset = experience.dataset
+            assert has_transforms(dataset) and not has_transforms(dataset,
+                                                                  except_class_lookups=True)
+            fresh = dataset_tensors(dataset)
+            assert set(fresh[1].tolist()) == set(experience.classes_in_this_experience)
+            for a, b in zip(fresh, _loader_tensors(dataset), strict=True):
+                assert torch.equal(a, b)
+            dataset[0]
+            for a, b in zip(dataset_tensors(dataset), fresh, strict=True):
+                assert torch.equal(a, b)

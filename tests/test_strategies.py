@@ -125,3 +125,47 @@ def test_random_train_transforms_are_drawn_anew_every_epoch_with_fast_data():
     strategy.train(bundle.benchmark.train_stream[0])
     first, second = (sorted(epoch) for epoch in inputs.epochs)
     assert torch.allclose(torch.tensor(first), torch.tensor(second))
+
+
+class _LabelRecorder(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.labels: list[set[int]] = []
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.labels.append(set())
+
+    def before_forward(self, strategy, **kwargs):
+        if strategy.is_training:
+            self.labels[-1].update(strategy.mb_y.tolist())
+
+
+def test_fast_data_trains_and_evaluates_on_avalanche_remapped_class_ids():
+    """A user's own task-incremental nc_benchmark with class ids remapped from zero, built
+    fresh: the mini-batches hold the ids the experience's dataset returns, and the fast path
+    learns as well as Avalanche's loaders."""
+    from avalanche.benchmarks import nc_benchmark
+
+    from tests.helpers import tensor_dataset
+
+    torch.manual_seed(3)
+    centres = 4 * torch.randn(10, 6)
+    y = torch.arange(600) % 10
+    x = centres[y] + 3 * torch.randn(600, 6)
+    accuracy = {}
+    for fast in (True, False):
+        bm = nc_benchmark(tensor_dataset(x[:500], y[:500]), tensor_dataset(x[500:], y[500:]),
+                          n_experiences=5, task_labels=True, seed=3,
+                          class_ids_from_zero_from_first_exp=True)
+        torch.manual_seed(0)
+        model = MixtureOfExperts(architecture=mlp_architecture((6,), 10), num_experts=2,
+                                 scenario="task")
+        recorder = _LabelRecorder()
+        strategy = moe_strategy(model, epochs=3, plugins=[recorder], fast_data=fast)
+        for experience in bm.train_stream:
+            strategy.train(experience)
+        assert recorder.labels == [set(e.classes_in_this_experience) for e in bm.train_stream]
+        results = strategy.eval(bm.test_stream)
+        accuracy[fast] = [v for k, v in results.items() if k.startswith("Top1_Acc_Stream")][0]
+    assert accuracy[False] > 0.85
+    assert abs(accuracy[True] - accuracy[False]) < 0.05
