@@ -14,12 +14,12 @@ from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
 from avalanche.logging import InteractiveLogger
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 
-from moe_cl.benchmarks import make_benchmark
 from moe_cl.core.zoo import get_architecture, mlp_architecture
-from moe_cl.evaluation import RoutingMetrics
-from moe_cl.models import ExpertPolicy, MixtureOfExperts
-from moe_cl.plugins import SampleSimilarityRegularizer
-from moe_cl.strategies import MoEStrategy
+from moe_cl.data.streams import make_benchmark
+from moe_cl.training.evaluation import RoutingMetrics
+from moe_cl.training.models import ExpertPolicy, MixtureOfExperts
+from moe_cl.training.plugins import SampleSimilarityRegularizer
+from moe_cl.training.strategies import MoEStrategy
 
 
 def main() -> None:

@@ -18,7 +18,7 @@
 #   4. split_fmnist with the paper's mixture (strategy=attentive_ls: 5 experiences, batch 128,
 #      growth) end to end with train.precision=fp32, tf32, bf16 and with train.compile=true.
 #   5. split_fmnist with its default strategy=routed (the routed mixture), fp32.
-#   6. step 2's run through torchrun (one run data-parallel, moe_cl.distributed) on 1 rank
+#   6. step 2's run through torchrun (one run data-parallel, moe_cl.training.ranks) on 1 rank
 #      and, when the machine has 2 GPUs or more, on 2 ranks (NCCL, SyncBatchNorm).
 #   7. only with GPU_CHECK_BENCH=1: `python -m moe_cl.bench --quick` on the GPU (all sections
 #      but gpu; about 4 minutes, outside the budget above: give the machine more time).

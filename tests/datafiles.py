@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_cl.datasets import CIFAR100_SUPERCLASS_OF
+from moe_cl.data.datasets import CIFAR100_SUPERCLASS_OF
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from moe_cl import experiment
-from moe_cl.run import main
-from moe_cl.strategies import MoEStrategy
+from moe_cl.run import experiment
+from moe_cl.run.cli import main
+from moe_cl.training.strategies import MoEStrategy
 
 RANK = int(os.environ["RANK"])
 FAULT_ITERATION = 2  # the third iteration (Avalanche's clock counts from 0)

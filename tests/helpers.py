@@ -11,7 +11,7 @@ from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, l
 from avalanche.logging import TextLogger
 from avalanche.training.plugins import EvaluationPlugin
 
-from moe_cl.evaluation import RoutingMetrics
+from moe_cl.training.evaluation import RoutingMetrics
 
 
 def quiet_evaluator(routing: bool = True) -> EvaluationPlugin:
@@ -39,7 +39,7 @@ def stream_from_tensors(train: list, test: list):
 
 def moe_strategy(model, *, epochs=4, plugins=(), evaluator=None, train_mb_size=32, **kwargs):
     """An MoEStrategy with the settings the Avalanche-level tests share."""
-    from moe_cl.strategies import MoEStrategy
+    from moe_cl.training.strategies import MoEStrategy
 
     return MoEStrategy(
         model=model,
@@ -55,8 +55,8 @@ def moe_strategy(model, *, epochs=4, plugins=(), evaluator=None, train_mb_size=3
 
 def tiny(n_experiences=3, scenario="class", seed=0):
     """The tiny benchmark and a small mlp architecture for it."""
-    from moe_cl.benchmarks import make_benchmark
     from moe_cl.core.zoo import mlp_architecture
+    from moe_cl.data.streams import make_benchmark
 
     bundle = make_benchmark("tiny", n_experiences=n_experiences, scenario=scenario, seed=seed)
     arch = mlp_architecture(bundle.input_shape, bundle.n_classes, width=32, hidden=16)
@@ -67,7 +67,7 @@ def tiny(n_experiences=3, scenario="class", seed=0):
 def grown_task_mixture():
     """A task-incremental mixture grown on the first two of tiny's three tasks (an expert
     added per experience, the old ones frozen), a builder of fresh ones like it, and the data."""
-    from moe_cl.models import ExpertPolicy, MixtureOfExperts
+    from moe_cl.training.models import ExpertPolicy, MixtureOfExperts
 
     torch.manual_seed(3)
     bundle, arch = tiny(3, scenario="task")

@@ -3,7 +3,7 @@ finished suite folders they start from are fixtures: conftest.py)."""
 
 from pathlib import Path
 
-from moe_cl import compare
+from moe_cl.suite import compare
 
 FAST = ("train.epochs=1", "logging.figures=false")
 

@@ -11,19 +11,25 @@ from avalanche.training import Naive, StreamingLDA
 from avalanche.training.plugins import SynapticIntelligencePlugin
 from torch import nn
 
-from moe_cl import compare, experiment
-from moe_cl.baselines import (
+from moe_cl.core.bank import count_parameters
+from moe_cl.core.zoo import Architecture, mlp_architecture
+from moe_cl.run import experiment
+from moe_cl.run.cli import main
+from moe_cl.run.config import compose
+from moe_cl.suite import compare
+from moe_cl.training.baselines import (
     BatchedStreamingLDA,
     GateClassifier,
     SLDAClassifier,
     SynapticIntelligenceFixed,
 )
-from moe_cl.checkpoint import load_checkpoint, load_plugin_states, plugin_states, save_checkpoint
-from moe_cl.config import compose
-from moe_cl.core.bank import count_parameters
-from moe_cl.core.zoo import Architecture, mlp_architecture
-from moe_cl.models import MixtureOfExperts, SingleExpertModel
-from moe_cl.run import main
+from moe_cl.training.checkpoint import (
+    load_checkpoint,
+    load_plugin_states,
+    plugin_states,
+    save_checkpoint,
+)
+from moe_cl.training.models import MixtureOfExperts, SingleExpertModel
 from tests.helpers import one_error_line, quiet_evaluator, tiny
 
 QUIET = ["logging.interactive=false", "logging.tensorboard=false", "logging.figures=false"]

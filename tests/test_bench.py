@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import moe_cl.bench.__main__ as cli
-from moe_cl import precision
 from moe_cl.bench import epoch, gpu, registry, report, runner, settings, training
-from moe_cl.plugins import ReferenceTrainError
+from moe_cl.training import precision
+from moe_cl.training.plugins import ReferenceTrainError
 
 TIMED_SECTIONS = ("bank", "ls", "epoch", "router", "topk")
 DOCS = Path(__file__).resolve().parents[1] / "docs"

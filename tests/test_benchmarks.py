@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from moe_cl.benchmarks import (
+from moe_cl.data.datasets import CIFAR100_SUPERCLASS_OF, load
+from moe_cl.data.streams import (
     BENCHMARK_NAMES,
     BenchmarkBundle,
     DataError,
@@ -20,8 +21,7 @@ from moe_cl.benchmarks import (
     make_benchmark,
     random_flip_crop,
 )
-from moe_cl.data import dataset_tensors
-from moe_cl.datasets import CIFAR100_SUPERCLASS_OF, load
+from moe_cl.data.tensors import dataset_tensors
 from tests.datafiles import write_cifar100_like, write_mnist_like, write_mnist_like_gz
 
 

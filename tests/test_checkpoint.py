@@ -8,7 +8,8 @@ import torch
 from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
 
-from moe_cl.checkpoint import (
+from moe_cl.data.tensors import dataset_tensors
+from moe_cl.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model_state,
@@ -20,8 +21,7 @@ from moe_cl.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from moe_cl.data import dataset_tensors
-from moe_cl.models import SingleExpertModel
+from moe_cl.training.models import SingleExpertModel
 from tests.helpers import grown_task_mixture, quiet_evaluator, tiny
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moe_cl import config
-from moe_cl.benchmarks import BENCHMARK_NAMES
 from moe_cl.core import choices, zoo
-from moe_cl.methods import METHODS
-from moe_cl.model_options import EXPERT_INITS, POLICIES, SCENARIOS, ExpertPolicy
+from moe_cl.data.streams import BENCHMARK_NAMES
+from moe_cl.run import config
+from moe_cl.training.methods import METHODS
+from moe_cl.training.options import EXPERT_INITS, POLICIES, SCENARIOS, ExpertPolicy
 
 
 def test_choices_come_from_their_owners():
@@ -41,7 +41,7 @@ def test_saved_run_configurations_still_load():
 
 
 def test_a_benchmark_preset_names_its_default_strategy():
-    from moe_cl.config import compose
+    from moe_cl.run.config import compose
 
     assert compose(["benchmark=split_fmnist"]).strategy == "routed"
     assert compose(["benchmark=split_fmnist"]).method == "routed"

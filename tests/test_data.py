@@ -3,8 +3,8 @@
 import torch
 import torchvision.transforms as T
 
-from moe_cl.benchmarks import make_benchmark
-from moe_cl.data import TensorBatches, dataset_tensors
+from moe_cl.data.streams import make_benchmark
+from moe_cl.data.tensors import TensorBatches, dataset_tensors
 
 
 def _loader_tensors(dataset):
@@ -26,7 +26,7 @@ def test_tree_walk_equals_loader_on_subsets_and_concatenations():
 def test_fast_reading_survives_a_per_sample_read():
     """Reading one sample makes Avalanche install an (identity) class lookup: still fast, and
     still equal to the loader."""
-    from moe_cl.data import has_transforms
+    from moe_cl.data.tensors import has_transforms
 
     bundle = make_benchmark("tiny", n_experiences=2, seed=2)
     dataset = bundle.benchmark.train_stream[1].dataset
@@ -42,7 +42,7 @@ def test_a_class_remapping_is_a_transform_but_a_deterministic_one():
     from avalanche.benchmarks import nc_benchmark
     from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 
-    from moe_cl.data import has_transforms
+    from moe_cl.data.tensors import has_transforms
 
     x, y = torch.randn(40, 3), torch.arange(40) % 4
     data = _make_taskaware_tensor_classification_dataset(x, y, targets=y, task_labels=0)
@@ -96,7 +96,7 @@ def _remapped_benchmark(**remap):
 def test_remapped_class_ids_are_read_as_the_dataset_returns_them_on_a_fresh_benchmark():
     """Avalanche installs its class lookup in a defaultdict that is empty until a sample is
     read: the fast path must apply it on a fresh benchmark exactly as after a read."""
-    from moe_cl.data import has_transforms
+    from moe_cl.data.tensors import has_transforms
 
     for remap in ({"class_ids_from_zero_from_first_exp": True},
                   {"class_ids_from_zero_in_each_exp": True}):

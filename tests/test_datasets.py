@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 
-from moe_cl.datasets import (
+from moe_cl.data.datasets import (
     CIFAR100_SUPERCLASS_OF,
     DATASETS,
     DEBIAN_FMNIST_DIR,

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_cl import experiment
-from moe_cl.config import compose
-from moe_cl.distributed import _device_kind, data_parallel_problem
-from moe_cl.run import main
-from moe_cl.run_folder import LOCK
+from moe_cl.run import experiment
+from moe_cl.run.cli import main
+from moe_cl.run.config import compose
+from moe_cl.run.torchrun import data_parallel_problem
+from moe_cl.storage.run_folder import LOCK
+from moe_cl.training.ranks import _device_kind
 
 ENTRY = Path(__file__).with_name("ddp_entry.py")
 # Batches of 25 of an experience's 128 samples: shards of 12 and 13, and a last batch of 3 split

@@ -8,8 +8,8 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.logging import TextLogger
 from avalanche.training.plugins import EvaluationPlugin
 
-from moe_cl.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
-from moe_cl.models import MixtureOfExperts
+from moe_cl.training.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
+from moe_cl.training.models import MixtureOfExperts
 from tests.helpers import moe_strategy, tiny
 
 

@@ -4,9 +4,9 @@ gate is distilled on a copy, and a run goes through its stages once."""
 import pytest
 import torch
 
-from moe_cl.config import compose
 from moe_cl.core.gates import AttentiveGate, SoftmaxGate
-from moe_cl.experiment import (
+from moe_cl.run.config import compose
+from moe_cl.run.experiment import (
     EpochCheckpoint,
     Run,
     build_benchmark,
@@ -18,9 +18,9 @@ from moe_cl.experiment import (
     run_experiment,
     weight_decay,
 )
-from moe_cl.model_options import ExpertPolicy
-from moe_cl.models import MixtureOfExperts, SingleExpertModel
-from moe_cl.plugins import ImportanceRegularizer, NonFiniteLossGuard
+from moe_cl.training.models import MixtureOfExperts, SingleExpertModel
+from moe_cl.training.options import ExpertPolicy
+from moe_cl.training.plugins import ImportanceRegularizer, NonFiniteLossGuard
 from tests.helpers import moe_strategy, quiet_evaluator
 
 QUIET = ["logging.interactive=false", "logging.tensorboard=false", "logging.figures=false"]

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from moe_cl import launch, reproduce, suite
-from moe_cl.launch import Launch, RunDied
-from moe_cl.run_folder import LOCK, read_results
-from moe_cl.suite import Outcome, RunSpec
+from moe_cl.storage.run_folder import LOCK, read_results
+from moe_cl.suite import engine as suite
+from moe_cl.suite import launch, reproduce
+from moe_cl.suite.engine import Outcome, RunSpec
+from moe_cl.suite.launch import Launch, RunDied
 from tests.helpers import one_error_line
 from tests.suite_helpers import compare_tiny, table_files
 
@@ -195,7 +196,7 @@ def test_a_run_in_use_by_another_process_stops_the_suite(suite_out, capsys):
 
 def test_slurm_array_through_submitits_local_executor(finished_suite, tmp_path, capsys,
                                                       monkeypatch):
-    slurm = pytest.importorskip("moe_cl.slurm")  # submitit is the dev extra's
+    slurm = pytest.importorskip("moe_cl.suite.slurm")  # submitit is the dev extra's
     monkeypatch.setattr(slurm, "CLUSTER", "local")
     monkeypatch.setattr(slurm.SlurmArray, "poll_s", 0.2)
     assert compare_tiny(tmp_path, "--only", "naive", "--launcher", "slurm", "--slurm-time",
@@ -207,7 +208,7 @@ def test_slurm_array_through_submitits_local_executor(finished_suite, tmp_path, 
 
 
 def test_slurm_needs_sbatch(tmp_path, capsys, monkeypatch):
-    slurm = pytest.importorskip("moe_cl.slurm")
+    slurm = pytest.importorskip("moe_cl.suite.slurm")
     monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
     assert compare_tiny(tmp_path, "--only", "naive", "--launcher", "slurm", "--slurm-time",
                         "10") == 2

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from moe_cl import compare
-from moe_cl.config import CHOICES, ConfigError, compose, preset_names
-from moe_cl.methods import METHODS, Method, key_applies, naive_strategy
-from moe_cl.run import help_text, main
+from moe_cl.errors import ConfigError
+from moe_cl.run.cli import help_text, main
+from moe_cl.run.config import CHOICES, compose, preset_names
+from moe_cl.suite import compare
+from moe_cl.training.methods import METHODS, Method, key_applies, naive_strategy
 
 
 def test_choices_help_and_baselines_list_the_registry():
@@ -81,8 +82,8 @@ def test_a_new_entry_is_a_method_everywhere(monkeypatch, tmp_path, capsys):
 
 def test_the_registry_and_the_configuration_load_without_avalanche():
     """--help and usage errors read them before anything trains (the lazy start)."""
-    code = ("import sys, moe_cl.methods, moe_cl.model_options, moe_cl.core.choices; "
-            "light = 'torch' not in sys.modules; import moe_cl.config, moe_cl.run; "
+    code = ("import sys, moe_cl.training.methods, moe_cl.training.options, moe_cl.core.choices; "
+            "light = 'torch' not in sys.modules; import moe_cl.run.config, moe_cl.run.cli; "
             "print(light, 'avalanche' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)

@@ -10,7 +10,7 @@ from avalanche.training import Naive
 
 from moe_cl.core.gates import AttentiveGate, SoftmaxGate
 from moe_cl.core.zoo import mlp_architecture
-from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
+from moe_cl.training.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
 from tests.helpers import (
     grown_task_mixture,
     moe_strategy,
@@ -279,7 +279,7 @@ def test_the_distilled_copy_keeps_the_experts_and_trains_only_its_softmax_gate()
 
 
 def test_probe_samples_cover_every_class_of_a_class_sorted_experience():
-    from moe_cl.models import class_balanced_samples
+    from moe_cl.training.models import class_balanced_samples
 
     bundle, _ = tiny(2)
     experience = bundle.benchmark.train_stream[0]

@@ -11,10 +11,10 @@ from avalanche.logging import TextLogger
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 
-from moe_cl.models import MixtureOfExperts, SingleExpertModel
-from moe_cl.plugins import (
+from moe_cl.errors import NonFiniteLossError
+from moe_cl.training.models import MixtureOfExperts, SingleExpertModel
+from moe_cl.training.plugins import (
     ImportanceRegularizer,
-    NonFiniteLossError,
     NonFiniteLossGuard,
     ReferenceTrainError,
     SampleSimilarityRegularizer,
@@ -217,8 +217,8 @@ def test_reference_train_error_changes_nothing_else():
 def test_a_run_with_the_reference_train_error_differs_only_by_that_field(tmp_path):
     """Tiny benchmark, three experiences, stochastic output and a distilled gate: results.json
     with train.reference_train_error=true equals the run without it but for the new field."""
-    from moe_cl.config import compose
-    from moe_cl.experiment import run_experiment
+    from moe_cl.run.config import compose
+    from moe_cl.run.experiment import run_experiment
 
     results = {}
     for measured in (False, True):

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_cl import precision
 from moe_cl.core.metrics import RoutingAccumulator
 from moe_cl.core.zoo import ARCHITECTURES, build_mixture
-from moe_cl.data import dataset_tensors
-from moe_cl.run import main
-from moe_cl.strategies import MoEStrategy, cuda_tf32
+from moe_cl.data.tensors import dataset_tensors
+from moe_cl.run.cli import main
+from moe_cl.training import precision
+from moe_cl.training.strategies import MoEStrategy, cuda_tf32
 from tests.helpers import moe_strategy, one_error_line, tiny
 
 FAST = ["benchmark=tiny", "logging.interactive=false", "logging.tensorboard=false",
@@ -78,7 +78,7 @@ def test_a_precision_the_cpu_lacks_is_a_usage_error(tmp_path, monkeypatch, capsy
 
 def test_the_strategy_refuses_a_precision_its_device_lacks():
     bundle, arch = tiny()
-    from moe_cl.models import MixtureOfExperts
+    from moe_cl.training.models import MixtureOfExperts
 
     with pytest.raises(ValueError, match="needs a CUDA device"):
         moe_strategy(MixtureOfExperts(architecture=arch), precision="tf32")
@@ -138,7 +138,7 @@ def test_bf16_routing_metrics_of_one_model_match_fp32():
     within 2 points (bf16's 8-bit mantissa moves a few gate values across their argmax)."""
     bundle, arch = tiny()
     torch.manual_seed(0)
-    from moe_cl.models import MixtureOfExperts
+    from moe_cl.training.models import MixtureOfExperts
 
     model = MixtureOfExperts(architecture=arch, num_experts=3)
     moe_strategy(model, epochs=2).train(bundle.benchmark.train_stream[0])
@@ -173,7 +173,7 @@ def test_a_bf16_run_reaches_the_routing_of_an_fp32_run(tmp_path, monkeypatch):
                     reason="torch.compile takes minutes on a small CPU: MOE_CL_TEST_COMPILE=1")
 def test_a_compiled_mixture_trains_and_grows_like_the_eager_one():
     bundle, arch = tiny()
-    from moe_cl.models import ExpertPolicy, MixtureOfExperts
+    from moe_cl.training.models import ExpertPolicy, MixtureOfExperts
 
     losses = {}
     for compiled in (False, True):

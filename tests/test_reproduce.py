@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moe_cl import compare, reproduce
-from moe_cl.config import compose
 from moe_cl.core.zoo import get_architecture
-from moe_cl.methods import METHODS
-from moe_cl.plugins import SampleSimilarityRegularizer
+from moe_cl.run.config import compose
+from moe_cl.suite import compare, reproduce
+from moe_cl.training.methods import METHODS
+from moe_cl.training.plugins import SampleSimilarityRegularizer
 from tests.datafiles import write_mnist_like
 
 LS_PRESETS = ("moe_ls", "attentive_ls", "distilled")

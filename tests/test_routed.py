@@ -7,12 +7,12 @@ import pytest
 import torch
 from avalanche.training.plugins import ReplayPlugin
 
-from moe_cl.benchmarks import make_benchmark
 from moe_cl.core.zoo import mlp_architecture
-from moe_cl.model_options import ExpertPolicy, RouterOptions
-from moe_cl.models import MixtureOfExperts
-from moe_cl.routed import RoutedMixture, RouterUpdate, mean_pairwise_kl
-from moe_cl.strategies import MoEStrategy
+from moe_cl.data.streams import make_benchmark
+from moe_cl.training.models import MixtureOfExperts
+from moe_cl.training.options import ExpertPolicy, RouterOptions
+from moe_cl.training.routed import RoutedMixture, RouterUpdate, mean_pairwise_kl
+from moe_cl.training.strategies import MoEStrategy
 from tests.helpers import one_error_line, quiet_evaluator
 
 
@@ -176,7 +176,7 @@ def _holds_rows_of(value, rows: torch.Tensor, seen: set) -> bool:
 
 @pytest.mark.parametrize("replay", [False, True])
 def test_no_training_sample_of_an_earlier_experience_is_kept(replay):
-    from moe_cl.checkpoint import model_state, optimizer_state, plugin_states
+    from moe_cl.training.checkpoint import model_state, optimizer_state, plugin_states
 
     torch.manual_seed(5)
     bundle, arch = _tiny(n_experiences=2)
@@ -184,7 +184,7 @@ def test_no_training_sample_of_an_earlier_experience_is_kept(replay):
     plugins = [ReplayPlugin(mem_size=20)] if replay else []
     strategy = _strategy(model, epochs=1, plugins=plugins)
     first, second = bundle.benchmark.train_stream
-    from moe_cl.data import dataset_tensors
+    from moe_cl.data.tensors import dataset_tensors
 
     rows = dataset_tensors(first.dataset)[0].flatten(1).float()
     strategy.train(first)
@@ -262,7 +262,7 @@ def test_a_reuse_in_progress_survives_a_state_dict_round_trip():
     ("experts.freeze_old=true", "does not apply to method=routed"),
 ])
 def test_bad_router_settings_are_one_line_usage_errors(tmp_path, capsys, override, message):
-    from moe_cl.run import main
+    from moe_cl.run.cli import main
 
     out = tmp_path / "run"
     code = main(["benchmark=tiny", "strategy=routed", override, f"out_dir={out}",
@@ -272,7 +272,7 @@ def test_bad_router_settings_are_one_line_usage_errors(tmp_path, capsys, overrid
 
 
 def test_a_feature_map_larger_than_the_input_is_a_usage_error(tmp_path, capsys):
-    from moe_cl.run import main
+    from moe_cl.run.cli import main
 
     out = tmp_path / "run"
     code = main(["benchmark=tiny", "strategy=routed", "router.kernel=9", f"out_dir={out}",
@@ -318,7 +318,7 @@ def test_split_cifar100_runs_the_routed_mixture_from_files_in_the_real_format(tm
     experts, the router keeps 100 classes' means in its 2,400 features."""
     import json
 
-    from moe_cl.run import main
+    from moe_cl.run.cli import main
     from tests.datafiles import write_cifar100_like
 
     write_cifar100_like(tmp_path / "data", n_train=200, n_test=100, seed=0)

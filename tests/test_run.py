@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from moe_cl.run import main
-from moe_cl.run_folder import LOCK
+from moe_cl.run.cli import main
+from moe_cl.storage.run_folder import LOCK
 
 FAST = ["logging.interactive=false", "logging.tensorboard=false"]
 VOLATILE = {"wall_time_s", "config", "figures"}
@@ -241,7 +241,7 @@ def test_help_lists_presets_and_keys(capsys):
 
 
 def test_malformed_preset_yaml_is_a_usage_error(tmp_path, monkeypatch, capsys):
-    import moe_cl.config as config
+    import moe_cl.run.config as config
 
     for kind in ("strategies", "benchmarks"):
         (tmp_path / kind).mkdir()
@@ -324,7 +324,7 @@ def test_installed_wheel_runs_from_another_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
-    code = ("import moe_cl, sys; from moe_cl.run import main; print(moe_cl.__file__); "
+    code = ("import moe_cl, sys; from moe_cl.run.cli import main; print(moe_cl.__file__); "
             "sys.exit(main(['--help']))")
     done = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env,
                           capture_output=True, text=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_cl import run_folder
-from moe_cl.run_folder import (
+from moe_cl.storage import run_folder
+from moe_cl.storage.run_folder import (
     LOCK,
     NO_SPACE,
     NON_FINITE_LOSS,
@@ -96,10 +96,9 @@ class _Stopped(RuntimeError):
 
 
 def test_failures_end_with_their_exit_code_and_bugs_are_raised(tmp_path):
-    from moe_cl.checkpoint import CheckpointError
-    from moe_cl.config import ConfigError
-    from moe_cl.datasets import DataError
-    from moe_cl.plugins import NonFiniteLossError
+    from moe_cl.data.datasets import DataError
+    from moe_cl.errors import ConfigError, NonFiniteLossError
+    from moe_cl.training.checkpoint import CheckpointError
 
     for error in (ConfigError("x"), DataError("x"), CheckpointError("x"), ValueError("x")):
         assert exit_code(error) == USAGE_ERROR

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moe_cl.dataset_names import BENCHMARK_NAMES, FILE_DATASETS, GENERATED_DATASETS
+from moe_cl.data.names import BENCHMARK_NAMES, FILE_DATASETS, GENERATED_DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = "print(sorted({m.split('.')[0] for m in sys.modules} & {'avalanche', 'torch'}))"
@@ -37,14 +37,14 @@ def _loaded_after(code: str) -> tuple[list[str], list[str]]:
 
 
 def test_help_imports_neither_torch_nor_avalanche():
-    lines, loaded = _loaded_after("from moe_cl.run import main\nmain(['--help'])")
+    lines, loaded = _loaded_after("from moe_cl.run.cli import main\nmain(['--help'])")
     assert lines[0].startswith("usage: python -m moe_cl.run")
     assert any("train.precision=fp32|tf32|bf16" in line for line in lines)
     assert loaded == []
 
 
 def test_usage_errors_import_neither_torch_nor_avalanche():
-    code = ("from moe_cl.run import main\n"
+    code = ("from moe_cl.run.cli import main\n"
             f"for argv in {BAD_COMMANDS!r}:\n"
             "    print(main(argv))")
     codes, loaded = _loaded_after(code)
@@ -60,8 +60,8 @@ def test_the_core_imports_without_avalanche():
 
 
 def test_benchmark_names_follow_the_data_set_table():
-    from moe_cl.benchmarks import BENCHMARK_NAMES as built
-    from moe_cl.datasets import DATASETS
+    from moe_cl.data.datasets import DATASETS
+    from moe_cl.data.streams import BENCHMARK_NAMES as built
 
     assert built is BENCHMARK_NAMES
     assert FILE_DATASETS == tuple(n for n, spec in DATASETS.items() if spec.folder is not None)
@@ -71,7 +71,7 @@ def test_benchmark_names_follow_the_data_set_table():
 def test_a_precision_the_device_lacks_is_refused_before_avalanche_loads(tmp_path):
     out = tmp_path / "run"
     lines, loaded = _loaded_after(
-        "from moe_cl.run import main\n"
+        "from moe_cl.run.cli import main\n"
         f"print(main(['benchmark=tiny', 'device=cpu', 'train.precision=tf32', 'out_dir={out}']))")
     assert lines == ["2"]
     assert loaded == ["torch"]

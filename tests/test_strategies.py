@@ -6,8 +6,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from moe_cl.core.zoo import mlp_architecture
-from moe_cl.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
-from moe_cl.strategies import MoEStrategy
+from moe_cl.training.models import ExpertPolicy, MixtureOfExperts, SingleExpertModel
+from moe_cl.training.strategies import MoEStrategy
 from tests.helpers import moe_strategy, tiny
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_cl import compare, reproduce, suite
+from moe_cl.suite import compare, reproduce
+from moe_cl.suite import engine as suite
 from tests.helpers import one_error_line
 from tests.suite_helpers import compare_tiny, table_files
 

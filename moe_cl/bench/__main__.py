@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moe_cl.bench.registry import DEFAULT_SECTIONS, SECTIONS
 from moe_cl.bench.settings import GPU_VARIANTS, PRESETS, PROG, Options, sizes_for
-from moe_cl.run_folder import folder_problem
+from moe_cl.storage.run_folder import folder_problem
 
 DESCRIPTION = "Side-by-side speed and memory measurements of moe-cl's hot paths."
 PRESET_OPTIONS = {  # the presets with an option of their own ("full" is the default)

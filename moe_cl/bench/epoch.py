@@ -35,9 +35,9 @@ from moe_cl.bench.training import (
     timed_train,
 )
 from moe_cl.core.bank import legacy_layouts
-from moe_cl.data import dataset_tensors
-from moe_cl.plugins import ReferenceTrainError, SampleSimilarityRegularizer
-from moe_cl.strategies import MoEStrategy
+from moe_cl.data.tensors import dataset_tensors
+from moe_cl.training.plugins import ReferenceTrainError, SampleSimilarityRegularizer
+from moe_cl.training.strategies import MoEStrategy
 
 PLAIN, NAIVE = "plain PyTorch loop", "Avalanche Naive"
 FAST, LOADERS = "MoEStrategy fast_data=True", "MoEStrategy fast_data=False"
@@ -152,8 +152,8 @@ def _gather_times(fresh_experience: Any, touched_experience: Any, sizes: Sizes,
     also the name of the baseline."""
     loader, fresh, touched = (
         "DataLoader, chunks of 4096",
-        "moe_cl.data.dataset_tensors, dataset never indexed",
-        "moe_cl.data.dataset_tensors, dataset indexed before",
+        "moe_cl.data.tensors.dataset_tensors, dataset never indexed",
+        "moe_cl.data.tensors.dataset_tensors, dataset indexed before",
     )
     reps, warm = min(sizes.repeats, 3), min(sizes.warmup, 1)
     gather = measure(

@@ -17,8 +17,8 @@ from moe_cl.bench.harness import row, target
 from moe_cl.bench.registry import Section
 from moe_cl.bench.settings import Options, Sizes
 from moe_cl.bench.training import paper_model, paper_stream, timed_strategy, timed_train
-from moe_cl.benchmarks import cifar_batch_augment
-from moe_cl.strategies import MoEStrategy
+from moe_cl.data.streams import cifar_batch_augment
+from moe_cl.training.strategies import MoEStrategy
 
 
 def _test_accuracy(strategy: Any, test_stream: Any) -> float | None:

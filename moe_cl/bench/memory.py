@@ -23,7 +23,7 @@ import torch
 from moe_cl.bench.harness import MemoryCases
 from moe_cl.bench.registry import Section, load
 from moe_cl.bench.settings import Options, Sizes
-from moe_cl.environment import proc_value
+from moe_cl.storage.environment import proc_value
 
 MEASURED = ("bank", "ls", "topk", "epoch")  # the sections whose memory cases run, in order
 

@@ -15,7 +15,7 @@ import torch
 
 from moe_cl.bench.registry import Section
 from moe_cl.bench.settings import Sizes
-from moe_cl.environment import machine_info
+from moe_cl.storage.environment import machine_info
 
 BUSY_MACHINE = 0.1  # share of the CPUs used by other processes above which timings are suspect
 

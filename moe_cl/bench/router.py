@@ -21,12 +21,12 @@ from moe_cl.bench.registry import Section
 from moe_cl.bench.report import key_value_lines
 from moe_cl.bench.settings import Options, Sizes
 from moe_cl.bench.training import synthetic_benchmark, timed_strategy, timed_train
-from moe_cl.benchmarks import DataError
-from moe_cl.config import compose
 from moe_cl.core.zoo import get_architecture
-from moe_cl.experiment import build_benchmark
-from moe_cl.methods import METHODS
-from moe_cl.strategies import MoEStrategy
+from moe_cl.data.streams import DataError
+from moe_cl.run.config import compose
+from moe_cl.run.experiment import build_benchmark
+from moe_cl.training.methods import METHODS
+from moe_cl.training.strategies import MoEStrategy
 
 EXPERIENCES = 2  # the first grows experts and trains the gate; the second only adds experts
 

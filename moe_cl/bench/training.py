@@ -20,10 +20,10 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import TensorDataset
 
 from moe_cl.bench.harness import sync
-from moe_cl.benchmarks import DataError, make_benchmark
 from moe_cl.core.zoo import get_architecture
-from moe_cl.experiment import DATASET_ARCHITECTURE
-from moe_cl.models import MixtureOfExperts
+from moe_cl.data.streams import DataError, make_benchmark
+from moe_cl.run.experiment import DATASET_ARCHITECTURE
+from moe_cl.training.models import MixtureOfExperts
 
 FULL_SIZES = {"paper_fmnist": (60_000, 10_000), "paper_cifar100": (50_000, 10_000)}  # train, test
 

@@ -1,0 +1,233 @@
+"""Checkpoints made of tensors and plain containers only, loaded with ``weights_only=True``.
+
+Avalanche 0.6's own checkpointing pickles the whole strategy with dill and fails with torch 2.14;
+it would also execute whatever a checkpoint file contains. Here a checkpoint holds state_dicts,
+the growth of the mixture, the state of the plugins that carry state across experiences
+(replay buffer, EWC, LwF, SI), the RNG states and the run's progress. A file that is not such a
+checkpoint (corrupt, truncated, or holding pickled objects) is refused with a clear error.
+Streaming LDA keeps its statistics in its model's buffers (baselines.SLDAClassifier),
+so the model's state_dict holds them.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+from avalanche.training.plugins import (
+    EWCPlugin,
+    LwFPlugin,
+    ReplayPlugin,
+    SynapticIntelligencePlugin,
+)
+from avalanche.training.storage_policy import ReservoirSamplingBuffer
+from avalanche.training.utils import ParamData
+
+from moe_cl.data.tensors import dataset_tensors
+from moe_cl.errors import USAGE_ERROR
+from moe_cl.storage.run_folder import atomic_write
+from moe_cl.training.models import MixtureOfExperts
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or does not fit the run (a usage error)."""
+
+    exit_code = USAGE_ERROR
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": _python_state_to_plain(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        # Saved where more GPUs were visible (a torchrun rank sees every GPU of its node): those
+        # this process sees. Training draws from GPU 0's state (rank 0's, under torchrun).
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
+# ----------------------------------------------------------------------------- plugins
+
+
+def plugin_states(plugins: list) -> dict:
+    """State of the plugins that carry knowledge across experiences."""
+    states: dict[str, Any] = {}
+    for plugin in plugins:
+        if isinstance(plugin, ReplayPlugin):
+            policy = plugin.storage_policy
+            groups = {}
+            for key, group in policy.buffer_groups.items():
+                x, y, t = _buffer_tensors(group.buffer)
+                groups[int(key)] = {"x": x, "y": y, "t": t, "weights": group._buffer_weights,
+                                    "max_size": group.max_size}
+            states["replay"] = {"num_exps": getattr(policy, "_num_exps", 0), "groups": groups}
+        elif isinstance(plugin, EWCPlugin):
+            states["ewc"] = {
+                "saved_params": _param_dicts(plugin.saved_params),
+                "importances": _param_dicts(plugin.importances),
+            }
+        elif isinstance(plugin, LwFPlugin):
+            lwf = plugin.lwf
+            states["lwf"] = {
+                "expcount": lwf.expcount,
+                "prev_model": None if lwf.prev_model is None else lwf.prev_model.state_dict(),
+                "prev_classes": {int(t): sorted(int(c) for c in cs)
+                                 for t, cs in lwf.prev_classes_by_task.items()},
+            }
+        elif isinstance(plugin, SynapticIntelligencePlugin):
+            states["si"] = {
+                "ewc_data": [_tensors(data) for data in plugin.ewc_data],
+                "syn_data": {key: _tensors(data) for key, data in plugin.syn_data.items()},
+                "in_experience": getattr(plugin, "in_experience", False),
+            }
+    return states
+
+
+def load_plugin_states(plugins: list, states: dict, model: torch.nn.Module) -> None:
+    for plugin in plugins:
+        if isinstance(plugin, ReplayPlugin) and "replay" in states:
+            policy = plugin.storage_policy
+            policy._num_exps = states["replay"]["num_exps"]
+            policy.buffer_groups = {}
+            for key, group in sorted(states["replay"]["groups"].items()):
+                buffer = ReservoirSamplingBuffer(group["max_size"])
+                buffer.buffer = _make_taskaware_tensor_classification_dataset(
+                    group["x"], group["y"], targets=group["y"], task_labels=group["t"]
+                )
+                buffer._buffer_weights = group["weights"]
+                policy.buffer_groups[key] = buffer
+        elif isinstance(plugin, EWCPlugin) and "ewc" in states:
+            plugin.saved_params = _param_data(states["ewc"]["saved_params"])
+            plugin.importances = _param_data(states["ewc"]["importances"])
+        elif isinstance(plugin, LwFPlugin) and "lwf" in states:
+            lwf = plugin.lwf
+            lwf.expcount = states["lwf"]["expcount"]
+            if states["lwf"]["prev_model"] is not None:
+                lwf.prev_model = copy.deepcopy(model)
+                lwf.prev_model.load_state_dict(states["lwf"]["prev_model"])
+            lwf.prev_classes_by_task = defaultdict(
+                set, {t: set(cs) for t, cs in states["lwf"]["prev_classes"].items()}
+            )
+        elif isinstance(plugin, SynapticIntelligencePlugin) and "si" in states:
+            si = states["si"]
+            plugin.ewc_data = tuple(_params(data) for data in si["ewc_data"])
+            plugin.syn_data = {key: _params(data) for key, data in si["syn_data"].items()}
+            if hasattr(plugin, "in_experience"):
+                plugin.in_experience = si["in_experience"]
+
+
+def _buffer_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if len(dataset) == 0:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return tuple(t.cpu() for t in dataset_tensors(dataset))
+
+
+def _param_dicts(data: dict) -> dict:
+    return {int(t): _tensors(params) for t, params in data.items()}
+
+
+def _param_data(data: dict) -> defaultdict:
+    out: defaultdict = defaultdict(dict)
+    for t, params in data.items():
+        out[t] = _params(params)
+    return out
+
+
+def _tensors(params: dict[str, ParamData]) -> dict[str, torch.Tensor]:
+    return {name: p.data.cpu() for name, p in params.items()}
+
+
+def _params(tensors: dict[str, torch.Tensor]) -> dict[str, ParamData]:
+    return {name: ParamData(name, init_tensor=tensor) for name, tensor in tensors.items()}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Written whole or not at all: a kill leaves the previous checkpoint."""
+    atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint safely; never runs code stored in the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same clear error
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unsafe and was not loaded ({first})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a moe-cl checkpoint (format {FORMAT})")
+    return state
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    return {"state_dict": model.state_dict()}  # a mixture's structure is in its extra state
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    state_dict = dict(state["state_dict"])
+    if isinstance(model, MixtureOfExperts) and "_extra_state" not in state_dict:
+        state_dict["_extra_state"] = state["extra"]  # written before the extra state moved in
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as err:
+        detail = " ".join(str(err).split())
+        raise CheckpointError(
+            "the saved model does not fit the run's settings (was config.yaml edited?): "
+            f"{detail[:300]}{'...' if len(detail) > 300 else ''}"
+        ) from None
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """The optimizer's state with its parameters named (their order in the param groups)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    return {"state_dict": optimizer.state_dict(), "param_names": groups}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                      state: dict) -> dict:
+    """Point the optimizer at the model's parameters in the saved order and load its state.
+    Returns the name -> parameter map that Avalanche's ``update_optimizer`` keeps."""
+    params = dict(model.named_parameters())
+    try:
+        for group, names in zip(optimizer.param_groups, state["param_names"], strict=True):
+            group["params"] = [params[n] for n in names]
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"optimizer state does not fit the model ({err})") from None
+    optimizer.state = defaultdict(dict)
+    optimizer.load_state_dict(state["state_dict"])
+    return params

@@ -1,0 +1,37 @@
+"""Avalanche plugins of moe-cl, one concern per module: the routing regularisers, the NaN-loss
+guard, the reference code's train error, and what keeps the ranks of a torchrun one model."""
+
+from avalanche.core import SupervisedPlugin
+
+from moe_cl.training.plugins.data_parallel import DataParallel
+from moe_cl.training.plugins.nonfinite_loss import NonFiniteLossGuard, training_position
+from moe_cl.training.plugins.reference_train_error import (
+    ReferenceTrainError,
+    reference_train_error,
+)
+from moe_cl.training.plugins.regularizers import (
+    ImportanceRegularizer,
+    RoutingRegularizer,
+    SampleSimilarityRegularizer,
+)
+
+__all__ = [
+    "DataParallel",
+    "ImportanceRegularizer",
+    "NonFiniteLossGuard",
+    "ReferenceTrainError",
+    "RoutingRegularizer",
+    "SampleSimilarityRegularizer",
+    "reference_train_error",
+    "training_plugins",
+    "training_position",
+]
+
+
+def training_plugins(*, reference_train_error: bool) -> list[SupervisedPlugin]:
+    """The plugins every training strategy of a run carries: the NaN-loss guard, and the
+    reference's train error when asked for (it costs a forward per step)."""
+    plugins: list[SupervisedPlugin] = [NonFiniteLossGuard()]
+    if reference_train_error:
+        plugins.append(ReferenceTrainError())
+    return plugins
