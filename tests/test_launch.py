@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from moe_cl.storage.run_folder import LOCK, read_results
-from moe_cl.suite import engine as suite
-from moe_cl.suite import launch, reproduce
-from moe_cl.suite.engine import Outcome, RunSpec
+from moe_cl.suite import launch, reproduce, schedule
 from moe_cl.suite.launch import Launch, RunDied
+from moe_cl.suite.spec import Outcome, RunSpec
 from tests.helpers import one_error_line
 from tests.suite_helpers import compare_tiny, table_files
 
@@ -128,8 +127,8 @@ def _specs(names: list[str], seeds=(0,)) -> list[RunSpec]:
 
 def _schedule(executor, specs, gpus=(), threads=None):
     said = []
-    progress = suite._Progress(len(specs), executor.capacity, said.append)
-    failure = suite._run_all(executor, specs, progress, list(gpus), threads)
+    progress = schedule._Progress(len(specs), executor.capacity, said.append)
+    failure = schedule._run_all(executor, specs, progress, list(gpus), threads)
     return failure, said
 
 
@@ -159,15 +158,15 @@ def test_a_worker_that_died_is_named_not_a_traceback():
 
 
 def test_shards_are_disjoint_cover_every_run_and_keep_a_teacher_with_its_student():
-    runs = _specs(list(reproduce.VARIANTS), seeds=(0, 1, 2))
-    parts = [suite.shard(runs, index, 4) for index in (1, 2, 3, 4)]
+    runs = _specs(reproduce.categories(), seeds=(0, 1, 2))
+    parts = [schedule.shard(runs, index, 4) for index in (1, 2, 3, 4)]
     assert sorted(s.key for part in parts for s in part) == sorted(s.key for s in runs)
     sizes = sorted(len(part) for part in parts)  # 27 runs: 6-8 each, a teacher with its student
     assert sizes[0] >= 6 and sizes[-1] - sizes[0] <= 2, sizes
     for part in parts:
         keys = {s.key for s in part}
         assert all(s.teacher_key in keys for s in part if s.variant.teacher)
-    assert suite.shard(runs, 1, 1) == runs
+    assert schedule.shard(runs, 1, 1) == runs
 
 
 def test_a_shard_trains_and_reports_only_its_part(suite_out, capsys):

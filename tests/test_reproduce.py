@@ -12,7 +12,7 @@ import torch
 from moe_cl.core.zoo import get_architecture
 from moe_cl.run.config import compose
 from moe_cl.suite import compare, reproduce
-from moe_cl.training.methods import METHODS
+from moe_cl.training.methods import METHODS, key_applies
 from moe_cl.training.plugins import SampleSimilarityRegularizer
 from tests.datafiles import write_mnist_like
 
@@ -26,7 +26,7 @@ def _row(run, category, seed, train, test, h_u=2.0, reference=None):
 
 
 def test_variants_cover_the_paper_and_expand_its_grids():
-    names = list(reproduce.VARIANTS)
+    names = reproduce.categories()
     assert len(names) == 9
     plain = reproduce.variants("paper_fmnist", names, grid=False)
     assert [v.name for v in plain] == names
@@ -138,7 +138,7 @@ def test_compare_states_the_routed_mixtures_targets():
                "routed+random_conv+replay-class": entry(0.895, 2.0, 1),
                "slda+random_conv-class": entry(0.896), "slda+pixels-class": entry(0.81),
                "routed+random_conv-task": entry(0.984, 3.0, 0)}
-    assert compare.routed_targets(summary) == [
+    assert compare.targets(summary) == [
         "- routed, class-incremental, no stored samples: routed+random_conv-class 0.897 "
         "(target >= 0.88 and >= best SLDA slda+random_conv-class 0.896 + 0.01): NOT met",
         "- routed, class-incremental, 500-sample buffer: 0.895 (target >= 0.89 and above "
@@ -149,13 +149,15 @@ def test_compare_states_the_routed_mixtures_targets():
     ]
     summary["slda+random_conv-class"] = entry(0.88)
     summary["routed+random_conv+replay-class"] = entry(0.899, 2.1, 0)
-    assert all(line.endswith(": met") for line in compare.routed_targets(summary))
+    assert all(line.endswith(": met") for line in compare.targets(summary))
 
 
 def test_compare_lists_every_strategy_and_runs_a_subset(tmp_path):
     names = [v.name for v in compare.variants("class")]
-    baseline_rows = sum(len(compare.baseline_rows(b)) + len(compare.gate_rows(b))
-                        for b in compare.baselines())
+    baselines = compare.baselines()  # SLDA once per feature space, continual ones on the gate
+    baseline_rows = (sum(3 if key_applies(b, "slda.features") else 1 for b in baselines)
+                     + sum(not METHODS[b].joint and key_applies(b, "model.backbone")
+                           for b in baselines))
     routed = 3 + 3  # class-incremental: every feature space, then replay, no L_s, capped
     assert len(names) == 5 * 2 * 2 + 1 + routed + baseline_rows
     assert "moe-fixed+softmax-class" in names and "moe-grow_freeze+copy+ls+replay-class" in names
@@ -197,8 +199,8 @@ def test_cifar100_attentive_ls_sits_beside_the_published_row_and_our_attentive_r
     published = reproduce.published("paper_cifar100")
     assert published["attentive_ls"]["trained_as"] == "attentive"
     assert "never passes the L_s weights" in published["attentive_ls"]["caveat"]
-    text = reproduce.markdown(reproduce.aggregate(rows, "paper_cifar100", list(reproduce.VARIANTS)),
-                              "paper_cifar100")
+    table = reproduce.aggregate(rows, "paper_cifar100", reproduce.categories())
+    text = reproduce.markdown(table, "paper_cifar100")
     section = text[text.index("### paper_cifar100: attentive_ls beside the published row"):]
     assert "never passes the L_s weights" in section
     lines = [line for line in section.splitlines() if line.startswith(("| ours", "| published"))]
@@ -214,7 +216,7 @@ def test_cifar100_attentive_ls_sits_beside_the_published_row_and_our_attentive_r
 def test_paper_ls_presets_normalise_distances_by_their_maximum_on_cifar100_only(strategy):
     """PAPER.md section 2: every CIFAR-100 run divided D by its maximum, MNIST and
     Fashion-MNIST used raw D; the grid points keep the preset's choice."""
-    for benchmark in reproduce.PAPER_BENCHMARKS:
+    for benchmark in reproduce.benchmarks():
         ls = compose([f"benchmark={benchmark}", f"strategy={strategy}"]).regularizer.ls
         assert ls.scaling == "reference"
         assert ls.normalize_max is (benchmark == "paper_cifar100"), benchmark

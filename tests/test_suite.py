@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_cl.suite import compare, reproduce
-from moe_cl.suite import engine as suite
+from moe_cl.suite import compare, grids, reproduce, schedule, tables
 from tests.helpers import one_error_line
 from tests.suite_helpers import compare_tiny, table_files
 
@@ -173,12 +172,12 @@ def test_committed_paper_runs_made_before_the_reference_train_error_still_count(
     config = (out / "moe" / "seed-0" / "config.yaml").read_text()
     assert "reference_train_error" not in config
     said = []
-    suite.train_runs("paper_fmnist", reproduce.variants("paper_fmnist", list(reproduce.VARIANTS),
-                                                        grid=False),
-                     range(5), out, extra=["data.root=data"], echo=said.append)
+    categories = reproduce.categories()
+    schedule.train_runs("paper_fmnist", reproduce.variants("paper_fmnist", categories, grid=False),
+                        range(5), out, extra=["data.root=data"], echo=said.append)
     assert len(said) == 45 and all("(done before)" in line for line in said)
-    rows = suite.finished_runs("paper_fmnist", reproduce.variants(
-        "paper_fmnist", list(reproduce.VARIANTS), grid=True), out)
+    rows = tables.finished_runs("paper_fmnist", reproduce.variants(
+        "paper_fmnist", categories, grid=True), out)
     assert len(rows) == 45 and all(r["train_error_reference"] is None for r in rows)
 
 
@@ -192,6 +191,34 @@ def test_the_compare_table_shows_the_routers_own_error_where_there_is_one():
     column = head.split(" | ").index("router error")
     assert lines[lines.index(head) + 1].count("---") == len(head.split(" | "))
     assert next(line for line in lines if line.startswith("| routed+pixels-class")).split(
-        " | ")[column] == suite.format_mean_std((0.1039, 0.002))
+        " | ")[column] == tables.format_mean_std((0.1039, 0.002))
     assert next(line for line in lines if line.startswith("| naive-class")).split(
         " | ")[column] == "-"
+
+
+@pytest.mark.parametrize("variants, problem", [
+    ("not a list", "variants: expected a list, got str"),
+    ([{"name": "x-{nope}"}], "variants[0].name: {nope} in 'x-{nope}' is neither an axis"),
+    ([{"name": "a", "axes": {"k": {"methods": {"colour": 1}}}}], "unknown keys colour"),
+    ([{"name": "same"}, {"name": "same"}], "the run name same comes twice"),
+])
+def test_a_bad_grid_file_is_one_line_naming_it(monkeypatch, capsys, tmp_path, variants, problem):
+    bad = grids.Grid("compare_generic", {"benchmarks": ["tiny"], "variants": variants})
+    monkeypatch.setattr(compare, "grid_of", lambda benchmark: bad)
+    assert compare.main(["tiny", "--out", str(tmp_path)]) == 2
+    line = one_error_line(capsys)
+    assert "moe_cl/suite/grids/compare_generic.yaml: " in line and problem in line
+
+
+def test_a_bad_target_is_named_before_any_run(monkeypatch, capsys, tmp_path):
+    data = dict(grids.load("compare_generic").data, targets=[{"check": "best_moe_reaches"}])
+    monkeypatch.setattr(compare, "grid_of", lambda benchmark: grids.Grid("compare_tiny", data))
+    assert compare.main(["tiny", "--out", str(tmp_path)]) == 2
+    line = one_error_line(capsys)
+    assert "compare_tiny.yaml: targets[0] (best_moe_reaches): missing a required" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_compare_grid_file_of_a_benchmark_adds_it(monkeypatch):
+    monkeypatch.setattr(grids, "names", lambda: ["compare_generic", "compare_split_cifar10"])
+    assert compare.benchmarks()[-1] == "split_cifar10"

@@ -16,105 +16,63 @@ parameters); and Avalanche's streaming LDA in each feature space of the router
 scores are masked to each sample's task's classes, like every model's. Writes ``runs.csv``,
 ``table.json`` and ``table.md`` (mean +- std over seeds) covering every finished run in --out,
 so a run of a subset (``--only``, fewer seeds) adds to the table. Interrupted, it resumes.
+The runs and targets: moe_cl/suite/grids/compare_<benchmark>.yaml, else compare_generic.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from moe_cl.suite import engine as suite
+from moe_cl.suite import grids
+from moe_cl.suite.arguments import parse_suite_arguments
+from moe_cl.suite.command import train_and_tabulate
+from moe_cl.suite.spec import SuiteError, Variant
+from moe_cl.suite.tables import COLLAPSE_H_U, collapsed, format_mean_std, mean_std
 from moe_cl.training.methods import METHODS, key_applies
-from moe_cl.training.options import ROUTER_FEATURES
 
-POLICIES = {
-    "fixed": ("experts.policy=fixed", "model.num_experts=10"),
-    "grow": ("experts.policy=grow", "model.num_experts=2", "experts.per_experience=2"),
-    "grow_freeze": ("experts.policy=grow", "model.num_experts=2", "experts.per_experience=2",
-                    "experts.freeze_old=true"),
-    "grow_on_demand": ("experts.policy=grow_on_demand", "model.num_experts=2",
-                       "experts.per_experience=2"),
-}
-# Added experts start as copies of the busiest ones (against the saturated gate).
-POLICIES["grow_freeze+copy"] = (*POLICIES["grow_freeze"], "experts.init=copy")
-# Task-incremental only: each task routed among its own experts.
-TASK_POLICIES = {"grow_freeze+copy+route": (*POLICIES["grow_freeze+copy"],
-                                            "experts.route_by_task=true")}
-REPLAY_MEMORY = 500
-DEFAULT_FEATURES = "random_conv"
-# The routed mixture in its default feature space: with a buffer, without L_s, capped (reuse).
-ROUTED_VARIANTS = {"": (), "+replay": (f"replay.mem_size={REPLAY_MEMORY}",),
-                   "+noLs": ("regularizer.ls.beta_s=0", "regularizer.ls.beta_d=0"),
-                   "+max6": ("experts.max=6",)}
+GENERIC = "compare_generic"
+SCENARIOS = ("class", "task")
 COLUMNS = ("average_accuracy", "forgetting", "task_aware_average_accuracy", "H_s", "H_u", "MI",
            "router_error", "num_experts", "num_parameters", "wall_time_s")
 
 
-def variants(scenario: str) -> list[suite.Variant]:
-    out = []
-    policies = POLICIES | (TASK_POLICIES if scenario == "task" else {})
-    for policy, argv in policies.items():
-        for strategy, tag in (("attentive", ""), ("attentive_ls", "+ls")):
-            for replay in (0, REPLAY_MEMORY):
-                name = f"moe-{policy}{tag}{'+replay' if replay else ''}-{scenario}"
-                out.append(suite.Variant(name, (f"strategy={strategy}", *argv,
-                                                f"replay.mem_size={replay}",
-                                                f"scenario={scenario}")))
-    # The original (softmax) gate, unregularised: the paper's collapse case, in this setting.
-    out.append(suite.Variant(f"moe-fixed+softmax-{scenario}",
-                             ("strategy=moe", *POLICIES["fixed"], "replay.mem_size=0",
-                              f"scenario={scenario}")))
-    out += routed_variants(scenario)
-    # Each baseline's rows on its own network first, then the gate-network rows.
-    rows = [row for baseline in baselines() for row in baseline_rows(baseline)]
-    rows += [row for baseline in baselines() for row in gate_rows(baseline)]
-    for name, baseline, extra in rows:  # replay.mem_size is refused by methods that do not replay
-        replay = (f"replay.mem_size={REPLAY_MEMORY}",) if _replays(baseline) else ()
-        out.append(suite.Variant(f"{name}-{scenario}", (f"strategy={baseline}",
-                                                         f"scenario={scenario}", *replay, *extra)))
-    return out
+def benchmarks() -> list[str]:
+    """The benchmarks with a comparison: the generic grid's and those with a grid of their own."""
+    own = [name.removeprefix("compare_") for name in grids.names()
+           if name.startswith("compare_") and name != GENERIC]
+    listed = grids.load(GENERIC).get("benchmarks", list)
+    return list(dict.fromkeys([*listed, *own]))
 
 
-Row = tuple[str, str, tuple[str, ...]]  # run name without the scenario, method, overrides
+def grid_of(benchmark: str | None) -> grids.Grid:
+    """The benchmark's own grid file, else the generic one."""
+    own = f"compare_{benchmark}"
+    return grids.load(own if own in grids.names() else GENERIC)
 
 
-def routed_variants(scenario: str) -> list[suite.Variant]:
-    """The routed mixture in every feature space (class-incremental; the router's space does
-    not matter when the task is given) and its variants in the default one."""
-    spaces = ROUTER_FEATURES if scenario == "class" else (DEFAULT_FEATURES,)
-    rows = [(f"routed+{space}", (f"router.feature={space}",)) for space in spaces]
-    variants = ROUTED_VARIANTS if scenario == "class" else {
-        k: v for k, v in ROUTED_VARIANTS.items() if k in ("", "+replay")}
-    rows += [(f"routed+{DEFAULT_FEATURES}{tag}", (f"router.feature={DEFAULT_FEATURES}", *argv))
-             for tag, argv in variants.items() if tag]
-    return [suite.Variant(f"{name}-{scenario}", ("strategy=routed", *argv,
-                                                  f"scenario={scenario}"))
-            for name, argv in rows]
+def variants(scenario: str, benchmark: str | None = None) -> list[Variant]:
+    """The runs of ``scenario`` in the benchmark's grid, in the table's order."""
+    grid = grid_of(benchmark)
+    return [Variant(point.name, point.argv) for point in
+            grid.variants(grid.get("variants", list), {"scenario": scenario})]
 
 
-def baseline_rows(baseline: str) -> list[Row]:
-    """The baseline with its strategy preset; SLDA once per feature space of the router."""
-    if key_applies(baseline, "slda.features"):
-        return [(f"{baseline}+{space}", baseline, (f"slda.features={space}",))
-                for space in ROUTER_FEATURES]
-    return [(baseline, baseline, ())]
-
-
-def gate_rows(baseline: str) -> list[Row]:
-    """A continual single-model baseline again on the gate network (about the mixture's
-    parameters); named gate-NAME so that --only NAME keeps selecting the original row alone."""
-    if METHODS[baseline].joint or not key_applies(baseline, "model.backbone"):
-        return []
-    return [(f"gate-{baseline}", baseline, ("model.backbone=gate",))]
+def baselines() -> list[str]:
+    """The methods without a mixture, each run with its strategy preset: Avalanche's strategies
+    on the single-expert backbone (the continual ones also on the gate network) and streaming
+    LDA on frozen features (``slda``)."""
+    return [name for name, method in METHODS.items() if not method.mixture]
 
 
 def table(rows: list[dict]) -> dict:
     out = {}
     for name in dict.fromkeys(r["run"] for r in rows):
         runs = [r for r in rows if r["run"] == name]
-        out[name] = {"seeds": len(runs),
-                     **{c: suite.mean_std([r[c] for r in runs]) for c in COLUMNS},
-                     "collapsed": suite.collapsed(runs) if runs[0]["H_u"] is not None else None}
+        out[name] = {"seeds": len(runs), **{c: mean_std([r[c] for r in runs]) for c in COLUMNS},
+                     "collapsed": collapsed(runs) if runs[0]["H_u"] is not None else None}
     return out
 
 
@@ -122,7 +80,7 @@ def markdown(summary: dict, benchmark: str) -> str:
     head = ("| strategy | seeds | final avg accuracy | forgetting | task-aware accuracy | H_s |"
             " H_u | I(E;Y) | router error | experts | parameters | wall time (s) | collapsed |")
     lines = [f"### {benchmark}: mean +- std over seeds; collapsed: runs with H_u < "
-             f"{suite.COLLAPSE_H_U} bits (every test sample on one expert)", "", head,
+             f"{COLLAPSE_H_U} bits (every test sample on one expert)", "", head,
              "|" + "---|" * (len(COLUMNS) + 3)]
     for name, entry in summary.items():
         cells = []
@@ -135,127 +93,167 @@ def markdown(summary: dict, benchmark: str) -> str:
             elif column == "wall_time_s":
                 cells.append(f"{value[0]:.0f}")
             else:
-                cells.append(suite.format_mean_std(value))
+                cells.append(format_mean_std(value))
         cells.append("-" if entry["collapsed"] is None else str(entry["collapsed"]))
         lines.append(f"| {name} | {entry['seeds']} | " + " | ".join(cells) + " |")
-    verdicts = targets(summary)
+    verdicts = targets(summary, benchmark)
     if verdicts:
         lines += ["", "Targets (final average accuracy, means over seeds):", "", *verdicts]
     return "\n".join(lines) + "\n"
 
 
-def baselines() -> list[str]:
-    """The methods without a mixture, each run with its strategy preset: Avalanche's strategies
-    on the single-expert backbone (the continual ones also on the gate network, ``gate_rows``)
-    and streaming LDA on frozen features (``slda``)."""
-    return [name for name, method in METHODS.items() if not method.mixture]
+@dataclass(frozen=True)
+class Summary:
+    """What a target reads: the table (run name -> its entry) and the grid's runs."""
+
+    entries: dict
+    variants: dict[str, list[Variant]]  # per scenario
+
+    def mean(self, name: str, column: str = "average_accuracy") -> float | None:
+        value = self.entries.get(name, {}).get(column)
+        return value[0] if value else None
+
+    def best(self, names: list[str]) -> tuple[str, float] | None:
+        scored = [(n, self.mean(n)) for n in names]
+        scored = [(n, v) for n, v in scored if v is not None]
+        return max(scored, key=lambda item: item[1]) if scored else None
+
+    def rows_of(self, methods: list[str], scenario: str) -> list[str]:
+        """The rows in the table of ``methods`` run with their strategy preset (every form
+        each is compared in)."""
+        names = [v.name for method in methods for v in self.variants[scenario]
+                 if f"strategy={method}" in v.argv]
+        return [name for name in names if name in self.entries]
+
+    def mixtures(self, prefix: str, scenario: str) -> list[str]:
+        return [n for n in self.entries if n.startswith(prefix) and n.endswith(f"-{scenario}")]
 
 
-def _replays(method: str) -> bool:
-    return key_applies(method, "replay.mem_size")
+def _continual(replays: bool) -> list[str]:
+    """The continual baselines (the joint upper bound is none) with or without a memory of
+    past samples."""
+    return [b for b in baselines()
+            if not METHODS[b].joint and key_applies(b, "replay.mem_size") == replays]
 
 
-def _finished_rows(summary: dict, methods: list[str], scenario: str) -> list[str]:
-    """The rows of ``methods`` in ``summary`` (every form each is compared in)."""
-    names = [f"{name}-{scenario}" for method in methods
-             for name, _, _ in (*baseline_rows(method), *gate_rows(method))]
-    return [name for name in names if name in summary]
+def moe_without_replay_beats_baselines(summary: Summary, scenario: str) -> list[str]:
+    best = summary.best([n for n in summary.mixtures("moe-", scenario) if "+replay" not in n])
+    no_replay = _continual(replays=False)
+    baseline = summary.best(summary.rows_of(no_replay, scenario))
+    if not (best and baseline):
+        return []
+    verdict = "met" if best[1] > baseline[1] else "NOT met"
+    compared = [b for b in no_replay if summary.rows_of([b], scenario)]
+    return [f"- {scenario}-incremental, no replay: best MoE {best[0]} {best[1]:.3f} vs best of "
+            f"{'/'.join(compared)} {baseline[0]} {baseline[1]:.3f}: {verdict}"]
 
 
-def _mean(summary: dict, name: str, column: str = "average_accuracy") -> float | None:
-    value = summary.get(name, {}).get(column)
-    return value[0] if value else None
+def best_moe_reaches(summary: Summary, scenario: str, accuracy: float) -> list[str]:
+    moe = summary.mixtures("moe-", scenario)
+    best_any, best = summary.best(moe), summary.best([n for n in moe if "+replay" not in n])
+    if not best_any:
+        return []
+    verdict = "met" if best_any[1] >= accuracy else "NOT met"
+    return [f"- {scenario}-incremental: best MoE {best_any[0]} {best_any[1]:.3f} (target >= "
+            f"{accuracy}): {verdict}; without replay: "
+            + (f"{best[0]} {best[1]:.3f}" if best else "-")]
 
 
-def _best(summary: dict, names: list[str]) -> tuple[str, float] | None:
-    scored = [(n, _mean(summary, n)) for n in names]
-    scored = [(n, v) for n, v in scored if v is not None]
-    return max(scored, key=lambda item: item[1]) if scored else None
+def moe_with_replay_beats_replaying_baselines(summary: Summary, scenario: str,
+                                              samples: int) -> list[str]:
+    with_replay = summary.best([n for n in summary.mixtures("moe-", scenario) if "+replay" in n])
+    replay = summary.best(summary.rows_of(_continual(replays=True), scenario))
+    if not (with_replay and replay):
+        return []
+    verdict = "met" if with_replay[1] >= replay[1] else "NOT met"
+    return [f"- {scenario}-incremental with replay ({samples} samples): best MoE "
+            f"{with_replay[0]} {with_replay[1]:.3f} vs {replay[0].removesuffix(f'-{scenario}')} "
+            f"{replay[1]:.3f}: {verdict}"]
 
 
-def targets(summary: dict) -> list[str]:
-    """The issue's targets, each with its verdict and the numbers behind it (mean accuracy)."""
-    lines = []
-    # Continual baselines without a memory of past samples, and those with one (the joint
-    # upper bound is neither).
-    continual = [b for b in baselines() if not METHODS[b].joint]
-    no_replay = [b for b in continual if not _replays(b)]
-    replaying = [b for b in continual if _replays(b)]
-    for scenario in ("class", "task"):
-        moe = [n for n in summary if n.startswith("moe-") and n.endswith(f"-{scenario}")]
-        best = _best(summary, [n for n in moe if "+replay" not in n])
-        baseline = _best(summary, _finished_rows(summary, no_replay, scenario))
-        if scenario == "class" and best and baseline:
-            verdict = "met" if best[1] > baseline[1] else "NOT met"
-            compared = [b for b in no_replay if _finished_rows(summary, [b], scenario)]
-            lines.append(f"- class-incremental, no replay: best MoE {best[0]} {best[1]:.3f} vs "
-                         f"best of {'/'.join(compared)} {baseline[0]} {baseline[1]:.3f}: "
-                         f"{verdict}")
-        best_any = _best(summary, moe)
-        if scenario == "task" and best_any:
-            verdict = "met" if best_any[1] >= 0.97 else "NOT met"
-            lines.append(f"- task-incremental: best MoE {best_any[0]} {best_any[1]:.3f} (target >="
-                         f" 0.97): {verdict}; without replay: "
-                         + (f"{best[0]} {best[1]:.3f}" if best else "-"))
-        with_replay = _best(summary, [n for n in moe if "+replay" in n])
-        replay = _best(summary, _finished_rows(summary, replaying, scenario))
-        if with_replay and replay:
-            verdict = "met" if with_replay[1] >= replay[1] else "NOT met"
-            lines.append(f"- {scenario}-incremental with replay ({REPLAY_MEMORY} samples): best "
-                         f"MoE {with_replay[0]} {with_replay[1]:.3f} vs "
-                         f"{replay[0].removesuffix(f'-{scenario}')} {replay[1]:.3f}: {verdict}")
-    return lines + routed_targets(summary)
+def _best_routed_without_replay(summary: Summary) -> tuple[str, float] | None:
+    return summary.best([n for n in summary.mixtures("routed+", "class") if "+replay" not in n])
 
 
-def routed_targets(summary: dict) -> list[str]:
-    """Issue 14's targets for the routed mixture (mean final accuracy over seeds)."""
-    lines = []
-    routed = [n for n in summary if n.startswith("routed+") and n.endswith("-class")]
-    best = _best(summary, [n for n in routed if "+replay" not in n])
-    slda = _best(summary, _finished_rows(summary, ["slda"], "class"))
-    if best and slda:
-        verdict = "met" if best[1] >= 0.88 and best[1] >= slda[1] + 0.01 else "NOT met"
-        lines.append(f"- routed, class-incremental, no stored samples: {best[0]} {best[1]:.3f} "
-                     f"(target >= 0.88 and >= best SLDA {slda[0]} {slda[1]:.3f} + 0.01): "
-                     f"{verdict}")
-    buffered = f"routed+{DEFAULT_FEATURES}+replay-class"
-    plain = f"routed+{DEFAULT_FEATURES}-class"
-    if _mean(summary, buffered) is not None and _mean(summary, plain) is not None:
-        value, without = _mean(summary, buffered), _mean(summary, plain)
-        verdict = "met" if value >= 0.89 and value > without else "NOT met"
-        lines.append(f"- routed, class-incremental, {REPLAY_MEMORY}-sample buffer: {value:.3f} "
-                     f"(target >= 0.89 and above {without:.3f} without it): {verdict}")
-    task = _best(summary, [n for n in summary if n.startswith("routed+")
-                           and n.endswith("-task")])
-    if task:
-        verdict = "met" if task[1] >= 0.98 else "NOT met"
-        lines.append(f"- routed, task-incremental: {task[0]} {task[1]:.3f} (target >= 0.98): "
-                     f"{verdict}")
-    if best and _mean(summary, best[0], "MI") is not None:
-        mi = _mean(summary, best[0], "MI")
-        collapsed = sum(summary[n]["collapsed"] or 0 for n in routed)
-        verdict = "met" if mi >= 2.0 and not collapsed else "NOT met"
-        lines.append(f"- routed, experts specialise: I(E;Y) of {best[0]} {mi:.2f} bits (target "
-                     f">= 2.0), collapsed runs among the routed rows {collapsed} (target 0): "
-                     f"{verdict}")
-    return lines
+def routed_beats_slda(summary: Summary, accuracy: float, margin: float) -> list[str]:
+    best = _best_routed_without_replay(summary)
+    slda = summary.best(summary.rows_of(["slda"], "class"))
+    if not (best and slda):
+        return []
+    verdict = "met" if best[1] >= accuracy and best[1] >= slda[1] + margin else "NOT met"
+    return [f"- routed, class-incremental, no stored samples: {best[0]} {best[1]:.3f} (target >= "
+            f"{accuracy} and >= best SLDA {slda[0]} {slda[1]:.3f} + {margin}): {verdict}"]
+
+
+def routed_buffer_helps(summary: Summary, buffered: str, plain: str, samples: int,
+                        accuracy: float) -> list[str]:
+    value, without = summary.mean(buffered), summary.mean(plain)
+    if value is None or without is None:
+        return []
+    verdict = "met" if value >= accuracy and value > without else "NOT met"
+    return [f"- routed, class-incremental, {samples}-sample buffer: {value:.3f} (target >= "
+            f"{accuracy} and above {without:.3f} without it): {verdict}"]
+
+
+def routed_task_reaches(summary: Summary, accuracy: float) -> list[str]:
+    task = summary.best(summary.mixtures("routed+", "task"))
+    if not task:
+        return []
+    verdict = "met" if task[1] >= accuracy else "NOT met"
+    return [f"- routed, task-incremental: {task[0]} {task[1]:.3f} (target >= {accuracy}): "
+            f"{verdict}"]
+
+
+def routed_experts_specialise(summary: Summary, bits: float) -> list[str]:
+    best = _best_routed_without_replay(summary)
+    mi = summary.mean(best[0], "MI") if best else None
+    if mi is None:
+        return []
+    collapsed_runs = sum(summary.entries[n]["collapsed"] or 0
+                         for n in summary.mixtures("routed+", "class"))
+    verdict = "met" if mi >= bits and not collapsed_runs else "NOT met"
+    return [f"- routed, experts specialise: I(E;Y) of {best[0]} {mi:.2f} bits (target >= "
+            f"{bits}), collapsed runs among the routed rows {collapsed_runs} (target 0): "
+            f"{verdict}"]
+
+
+CHECKS: dict[str, Callable[..., list[str]]] = {check.__name__: check for check in (
+    moe_without_replay_beats_baselines, moe_with_replay_beats_replaying_baselines,
+    best_moe_reaches, routed_beats_slda, routed_buffer_helps, routed_task_reaches,
+    routed_experts_specialise)}
+
+
+def targets(summary: dict, benchmark: str | None = None) -> list[str]:
+    """The targets of the benchmark's grid, each with its verdict and the numbers behind it."""
+    grid = grid_of(benchmark)
+    context = Summary(summary, {s: variants(s, benchmark) for s in SCENARIOS})
+    return [line for target in grid.targets(CHECKS) for line in target.verdicts(context)]
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        choices = benchmarks()
+    except SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     parser = argparse.ArgumentParser(prog="python -m moe_cl.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=("split_mnist", "split_fmnist", "split_cifar100",
-                                              "tiny"))
-    parser.add_argument("--scenarios", nargs="+", choices=("class", "task"),
-                        default=["class", "task"])
+    parser.add_argument("benchmark", choices=choices)
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--only", nargs="+", default=None,
                         help="run names to train (prefix match, e.g. moe-grow naive); each must "
                              "match a run of --scenarios. The table still covers every finished "
                              "run in --out")
-    args, overrides = suite.parse_suite_arguments(
+    args, overrides = parse_suite_arguments(
         parser, argv, "compare", seeds=3, example="train.epochs=1 device=cuda",
         controlled={"strategy": "choose runs with --only", "scenario": "use --scenarios"})
-    pool = [v for s in args.scenarios for v in variants(s)]
+    try:
+        pool = [v for s in args.scenarios for v in variants(s, args.benchmark)]
+        everything = [v for s in SCENARIOS for v in variants(s, args.benchmark)]
+        targets({}, args.benchmark)  # a bad target is an error before any run starts
+    except SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     if args.only is not None:
         unmatched = [p for p in args.only if not any(v.name.startswith(p) for v in pool)]
         if unmatched:
@@ -266,13 +264,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"{' '.join(args.scenarios)}{hint}; valid names (prefixes of "
                          f"NAME-<scenario>): {', '.join(names)}")
     chosen = [v for v in pool if args.only is None or v.name.startswith(tuple(args.only))]
-    everything = [v for s in ("class", "task") for v in variants(s)]
 
     def tabulate(rows: list[dict]) -> tuple[dict, str]:
         summary = table(rows)
         return summary, markdown(summary, args.benchmark)
 
-    return suite.train_and_tabulate(args, overrides, chosen, everything, tabulate)
+    return train_and_tabulate(args, overrides, chosen, everything, tabulate)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ continues from its checkpoint. ``--grid`` adds the paper's hyperparameter grids.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -34,30 +34,13 @@ import yaml
 
 from moe_cl.storage.figures import heatmaps_side_by_side, save_figure
 from moe_cl.storage.run_folder import read_results
-from moe_cl.suite import engine as suite
+from moe_cl.suite import grids
+from moe_cl.suite.arguments import parse_suite_arguments
+from moe_cl.suite.command import train_and_tabulate
+from moe_cl.suite.spec import SuiteError, Variant
+from moe_cl.suite.tables import COLLAPSE_H_U, collapsed, format_mean_std, mean_std
 
-PAPER_BENCHMARKS = ("paper_mnist", "paper_fmnist", "paper_cifar100")
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "single": ("strategy=single",),
-    "moe": ("strategy=moe",),
-    "moe_importance": ("strategy=moe_importance",),
-    "moe_ls": ("strategy=moe_ls",),
-    "attentive": ("strategy=attentive",),
-    "attentive_importance": ("strategy=attentive_importance",),
-    "attentive_ls": ("strategy=attentive_ls",),
-    "distilled_importance": ("strategy=attentive_importance", "distill.epochs=DISTILL"),
-    "distilled_ls": ("strategy=distilled",),
-}
-# A distilled variant distils its teacher's finished run of the same seed (when there is one)
-# rather than training the same attentive model again.
-TEACHERS = {"distilled_importance": "attentive_importance", "distilled_ls": "attentive_ls"}
-DISTILL_EPOCHS = {"paper_mnist": 20, "paper_fmnist": 20, "paper_cifar100": 40}
-# The paper's grids (PAPER.md section 2).
-IMPORTANCE_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
-_DECADES = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-BETA_D = {"paper_mnist": _DECADES[1:], "paper_fmnist": _DECADES, "paper_cifar100": _DECADES}
-BETA_S = {"paper_mnist": (1e-6, 1e-5), "paper_fmnist": (1e-7, 1e-6),
-          "paper_cifar100": (1e-5, 1e-4, 1e-3)}
+GRID = "reproduce"
 REFERENCE, PRE_STEP = "train_error_reference", "train_error"  # the two train-error measures
 COLUMNS = (REFERENCE, PRE_STEP, "test_error", "MI_pred", "H_s", "H_u")
 # Both train-error measures are compared with the published one (the reference's).
@@ -70,27 +53,41 @@ def published(benchmark: str) -> dict:
     return yaml.safe_load(text).get(benchmark, {})
 
 
-def variants(benchmark: str, names: list[str], grid: bool) -> list[suite.Variant]:
+def benchmarks() -> list[str]:
+    """The paper benchmarks of the grid file."""
+    return list(grids.load(GRID).get("benchmarks", dict))
+
+
+def categories() -> list[str]:
+    """The paper's variants (model categories), in the tables' order."""
+    return list(grids.load(GRID).get("categories", dict))
+
+
+def variants(benchmark: str, names: list[str], grid: bool) -> list[Variant]:
+    """The runs of the categories ``names`` on ``benchmark``: each at its preset
+    hyperparameters, and with ``grid`` each point of its grid (a distilled point distils the
+    same point of its teacher)."""
+    data = grids.load(GRID)
+    parameters = data.get("benchmarks", dict).get(benchmark)
+    parameters = data.check(parameters, dict, f"benchmarks.{benchmark}")
     out = []
     for name in names:
-        argv = tuple(a.replace("DISTILL", str(DISTILL_EPOCHS[benchmark])) for a in VARIANTS[name])
-        teacher = TEACHERS.get(name, "")
-        out.append(suite.Variant(name, argv, name, teacher=teacher))
-        if not grid:
+        where = f"categories.{name}"
+        category = data.check(data.get("categories", dict).get(name), dict, where)
+        unknown = set(category) - {"argv", "grid", "teacher"}
+        if unknown:
+            raise data.error(f"{where}: unknown keys {', '.join(map(str, unknown))} (a category "
+                             "has argv, grid, teacher)")
+        argv = tuple(data.fill(a, parameters, f"{where}.argv")
+                     for a in data.get("argv", list, category, at=where))
+        teacher = data.get("teacher", str, category, default="", at=where)
+        out.append(Variant(name, argv, name, teacher=teacher))
+        if not grid or "grid" not in category:
             continue
-        if name.endswith("_importance"):
-            for w in IMPORTANCE_GRID:
-                out.append(suite.Variant(f"{name}[w={w}]",
-                                         (*argv, f"regularizer.importance={w}"), name,
-                                         {"importance": w}, teacher and f"{teacher}[w={w}]"))
-        elif name.endswith("_ls"):
-            for beta_s, beta_d in itertools.product(BETA_S[benchmark], BETA_D[benchmark]):
-                point = f"[bs={beta_s:g},bd={beta_d:g}]"
-                out.append(suite.Variant(
-                    f"{name}{point}",
-                    (*argv, f"regularizer.ls.beta_s={beta_s}", f"regularizer.ls.beta_d={beta_d}",
-                     "regularizer.ls.scaling=reference"),
-                    name, {"beta_s": beta_s, "beta_d": beta_d}, teacher and f"{teacher}{point}"))
+        group = data.get("grids", dict).get(data.get("grid", str, category, at=where))
+        for point in data.expand(group, parameters, f"grids.{category['grid']}"):
+            out.append(Variant(f"{name}{point.name}", (*argv, *point.argv), name, point.values,
+                               teacher and f"{teacher}{point.name}"))
     return out
 
 
@@ -113,7 +110,7 @@ def aggregate(rows: list[dict], benchmark: str, names: list[str]) -> dict:
         measure = selection_measure(runs)
         finished = [r for r in runs if r.get(measure) is not None]
         best = min(finished, key=lambda r: r[measure]) if finished else runs[0]
-        test_std = suite.mean_std([r["test_error"] for r in runs])
+        test_std = mean_std([r["test_error"] for r in runs])
         entry = {
             "runs": len(runs),
             "selected_by": measure,
@@ -121,9 +118,9 @@ def aggregate(rows: list[dict], benchmark: str, names: list[str]) -> dict:
             "best_run": {"run": best["run"], "seed": best["seed"],
                          **{c: best.get(c) for c in COLUMNS}},
             "std_test_error_all_runs": test_std[1] if test_std else None,
-            "mean_std_fixed": {c: suite.mean_std([r.get(c) for r in fixed]) for c in COLUMNS},
+            "mean_std_fixed": {c: mean_std([r.get(c) for r in fixed]) for c in COLUMNS},
             "seeds_fixed": len(fixed),
-            "collapsed_runs": suite.collapsed(runs),
+            "collapsed_runs": collapsed(runs),
             "published": paper.get(name),
         }
         table[name] = entry
@@ -168,7 +165,7 @@ def markdown(table: dict, benchmark: str) -> str:
     for name, entry in table.items():
         pub = entry["published"] or {}
         stats = entry["mean_std_fixed"]
-        cells = [suite.format_mean_std(stats[c]) for c in COLUMNS]
+        cells = [format_mean_std(stats[c]) for c in COLUMNS]
         within = _within(entry)
         verdict = "" if within is None else "yes" if within else "no"
         lines.append(f"| {_label(name, pub)} | {entry['seeds_fixed']} | " + " | ".join(cells)
@@ -215,7 +212,7 @@ def _trained_otherwise(table: dict, benchmark: str) -> list[str]:
                 best = ours["best_run"]
                 lines.append(f"| ours: {category} | {ours['runs']} | "
                              + " | ".join(_num(best[c]) for c in COLUMNS) + " | "
-                             + suite.format_mean_std(ours["mean_std_fixed"]["test_error"]) + " |")
+                             + format_mean_std(ours["mean_std_fixed"]["test_error"]) + " |")
             else:
                 lines.append(f"| ours: {category} | 0 | " + " | ".join("-" for _ in COLUMNS)
                              + " | - |")
@@ -223,7 +220,7 @@ def _trained_otherwise(table: dict, benchmark: str) -> list[str]:
                      for c in COLUMNS]
             mean = theirs.get("mean_test")
             lines.append(f"| published: {category} | - | " + " | ".join(cells) + " | "
-                         + suite.format_mean_std(tuple(mean) if mean else None) + " |")
+                         + format_mean_std(tuple(mean) if mean else None) + " |")
     return lines
 
 
@@ -234,33 +231,48 @@ def _within(entry: dict) -> bool | None:
     return stats[0] <= pub["test"] + 2 * pub["std"]
 
 
-def targets(table: dict) -> list[str]:
-    """The reproduction targets, each with its verdict and numbers."""
-    lines = []
+def within_published_std(table: dict) -> list[str]:
     judged = {name: _within(entry) for name, entry in table.items()}
     judged = {name: ok for name, ok in judged.items() if ok is not None}
-    if judged:
-        missed = [name for name, ok in judged.items() if not ok]
-        met = len(judged) - len(missed)
-        lines.append(f"- mean test error within 2 published std (or better): {met} of "
-                     f"{len(judged)} variants"
-                     + (f"; NOT met by {', '.join(missed)}" if missed else ": met"))
-    if "moe" in table and "attentive_ls" in table:
-        moe, ours = table["moe"]["mean_std_fixed"], table["attentive_ls"]["mean_std_fixed"]
-        if moe["test_error"] and ours["test_error"] and moe["MI_pred"] and ours["MI_pred"]:
-            better = (ours["test_error"][0] < moe["test_error"][0]
-                      and ours["MI_pred"][0] > moe["MI_pred"][0])
-            lines.append(f"- attentive + L_s vs original MoE: test error "
-                         f"{ours['test_error'][0]:.3f} vs {moe['test_error'][0]:.3f}, I(E;Y_pred) "
-                         f"{ours['MI_pred'][0]:.3f} vs {moe['MI_pred'][0]:.3f}: "
-                         f"{'met' if better else 'NOT met'}")
-    if "moe" in table:
-        entry = table["moe"]
-        shown = entry["collapsed_runs"] > 0
-        lines.append(f"- collapse of the unregularised original MoE (H_u < "
-                     f"{suite.COLLAPSE_H_U} bits): {entry['collapsed_runs']} of {entry['runs']} "
-                     f"runs{'' if shown else ' (not reproduced)'}")
-    return lines
+    if not judged:
+        return []
+    missed = [name for name, ok in judged.items() if not ok]
+    return [f"- mean test error within 2 published std (or better): {len(judged) - len(missed)} "
+            f"of {len(judged)} variants"
+            + (f"; NOT met by {', '.join(missed)}" if missed else ": met")]
+
+
+def better_and_more_specialised(table: dict, category: str, than: str, label: str) -> list[str]:
+    """``category`` has the lower mean test error and the higher I(E;Y_pred) than ``than``."""
+    if than not in table or category not in table:
+        return []
+    other, ours = table[than]["mean_std_fixed"], table[category]["mean_std_fixed"]
+    if not (other["test_error"] and ours["test_error"] and other["MI_pred"] and ours["MI_pred"]):
+        return []
+    better = (ours["test_error"][0] < other["test_error"][0]
+              and ours["MI_pred"][0] > other["MI_pred"][0])
+    return [f"- {label}: test error {ours['test_error'][0]:.3f} vs {other['test_error'][0]:.3f}, "
+            f"I(E;Y_pred) {ours['MI_pred'][0]:.3f} vs {other['MI_pred'][0]:.3f}: "
+            f"{'met' if better else 'NOT met'}"]
+
+
+def collapse(table: dict, category: str, label: str) -> list[str]:
+    """How many runs of ``category`` collapsed (the paper's case for its regularisers)."""
+    if category not in table:
+        return []
+    entry = table[category]
+    shown = entry["collapsed_runs"] > 0
+    return [f"- collapse of {label} (H_u < {COLLAPSE_H_U} bits): {entry['collapsed_runs']} of "
+            f"{entry['runs']} runs{'' if shown else ' (not reproduced)'}"]
+
+
+CHECKS: dict[str, Callable[..., list[str]]] = {check.__name__: check for check in (
+    within_published_std, better_and_more_specialised, collapse)}
+
+
+def targets(table: dict) -> list[str]:
+    """The grid file's reproduction targets, each with its verdict and numbers."""
+    return [line for target in grids.load(GRID).targets(CHECKS) for line in target.verdicts(table)]
 
 
 def write_heatmaps(out: Path, table: dict, rows: list[dict],
@@ -283,25 +295,35 @@ def write_heatmaps(out: Path, table: dict, rows: list[dict],
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        choices, names = benchmarks(), categories()
+    except SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     parser = argparse.ArgumentParser(prog="python -m moe_cl.reproduce",
                                      description="Reproduce the paper's tables (they cover every "
                                                  "finished run in --out).")
-    parser.add_argument("benchmark", choices=PAPER_BENCHMARKS)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+    parser.add_argument("benchmark", choices=choices)
+    parser.add_argument("--variants", nargs="+", choices=names, default=names,
                         help="variants to train (default all)")
     parser.add_argument("--grid", action="store_true", help="also run the paper's grids")
-    args, overrides = suite.parse_suite_arguments(
+    args, overrides = parse_suite_arguments(
         parser, argv, "reproduce", seeds=5, example="data.root=data device=cuda",
         controlled={"strategy": "choose with --variants"})
+    try:
+        chosen = variants(args.benchmark, args.variants, args.grid)
+        everything = variants(args.benchmark, names, True)
+        targets({})  # a bad target is an error before any run starts
+    except SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
     def tabulate(rows: list[dict]) -> tuple[dict, str]:
-        table = aggregate(rows, args.benchmark, list(VARIANTS))
+        table = aggregate(rows, args.benchmark, names)
         write_heatmaps(args.out, table, rows)
         return table, markdown(table, args.benchmark)
 
-    code = suite.train_and_tabulate(
-        args, overrides, variants(args.benchmark, args.variants, args.grid),
-        variants(args.benchmark, list(VARIANTS), True), tabulate)
+    code = train_and_tabulate(args, overrides, chosen, everything, tabulate)
     if code == 0:
         out = args.out
         print(f"raw runs: {out / 'runs.csv'}; tables: {out / 'table.md'}, {out / 'table.json'}")
@@ -310,4 +332,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
