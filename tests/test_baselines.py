@@ -30,6 +30,7 @@ from moe_cl.training.checkpoint import (
     save_checkpoint,
 )
 from moe_cl.training.models import MixtureOfExperts, SingleExpertModel
+from moe_cl.training.options import ROUTER_FEATURES
 from tests.helpers import one_error_line, quiet_evaluator, tiny
 
 QUIET = ["logging.interactive=false", "logging.tensorboard=false", "logging.figures=false"]
@@ -67,6 +68,17 @@ def _conv_gate_arch(bundle):
 
 
 # ----------------------------------------------------------------------------- streaming LDA
+
+
+@pytest.mark.parametrize("features", ROUTER_FEATURES)
+def test_slda_takes_every_feature_space_of_the_router(features):
+    """The router's registry gives SLDA its maps: its own for all but the gate trunk, which
+    comes with the gate classifier whose trunk it is."""
+    bundle, _ = tiny()
+    arch = _conv_gate_arch(bundle)
+    model = SLDAClassifier(architecture=arch, features=features)
+    assert (model.feature_map is None) == (model.network is not None) == (features == "gate_trunk")
+    assert model.features(torch.randn(3, *arch.input_shape)).shape == (3, model.num_features)
 
 
 def test_a_batch_fit_gives_avalanches_sample_by_sample_statistics():

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 
 import moe_cl.bench.__main__ as cli
 from moe_cl.bench import epoch, gpu, registry, report, runner, settings, training
+from moe_cl.core.layouts import LAYOUTS
 from moe_cl.training import precision
 from moe_cl.training.plugins import ReferenceTrainError
 
@@ -215,21 +215,21 @@ def test_each_mixture_runs_with_todays_and_the_baseline_step(tiny_results):
     assert all(t["kind"] == ">=" and t["threshold"] == 1.25 for t in steps)
 
 
-def test_only_the_baseline_step_runs_with_the_legacy_layouts(monkeypatch):
-    entered = []
+def test_only_the_baseline_step_trains_a_model_in_the_baseline_layouts(monkeypatch):
+    trained = []
 
-    @contextmanager
-    def recorded():
-        entered.append(True)
-        yield
+    def recorded(strategy, *args):
+        trained.append({m.layouts for m in strategy.model.modules() if hasattr(m, "layouts")})
+        return real_train(strategy, *args)
 
-    monkeypatch.setattr(epoch, "legacy_layouts", recorded)
+    real_train = epoch.timed_train
+    monkeypatch.setattr(epoch, "timed_train", recorded)
     experience = training.synthetic_benchmark(100, 20, (1, 28, 28), 10).train_stream[0]
     for variant in (epoch.FAST, epoch.BASELINE):
         run = epoch.epoch_runner(variant, experience, settings.PRESETS["tiny"],
                                  torch.device("cpu"), 1)()
         assert run.samples == [100]
-    assert entered == [True]
+    assert trained == [{LAYOUTS}, {epoch.BASELINE_LAYOUTS}]
 
 
 def test_router_section_prices_the_update_and_the_routed_evaluation(tiny_results):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 
+from moe_cl.core.choices import PAPER_ARCHITECTURES
 from moe_cl.data.datasets import (
     CIFAR100_SUPERCLASS_OF,
     DATASETS,
@@ -21,8 +22,10 @@ from moe_cl.data.datasets import (
     DataError,
     DataOptions,
     cifar100_superclass_of,
+    dataset_of,
     load,
 )
+from moe_cl.data.names import BENCHMARK_NAMES
 from tests.datafiles import (
     IDX_NAMES,
     cifar100_like_arrays,
@@ -69,6 +72,15 @@ def test_table_entries_are_complete() -> None:
         assert spec.stats is not None
         assert len(spec.stats[0]) == len(spec.stats[1]) == spec.input_shape[0]
     assert [n for n, s in DATASETS.items() if s.augment_flip_crop] == ["cifar100"]
+
+
+def test_each_benchmark_finds_its_data_set_and_its_default_architecture() -> None:
+    assert {dataset_of(name).name for name in BENCHMARK_NAMES} == set(DATASETS)
+    assert dataset_of("split_cifar100") is dataset_of("paper_cifar100") is DATASETS["cifar100"]
+    assert dataset_of("tiny") is DATASETS["tiny"]
+    assert {name: spec.architecture for name, spec in DATASETS.items()} == {
+        "mnist": "mnist", "fmnist": "fmnist", "cifar100": "cifar100", "tiny": "mlp"}
+    assert {spec.architecture for spec in DATASETS.values()} <= {*PAPER_ARCHITECTURES, "mlp"}
 
 
 # ------------------------------------------------------------------------------ MNIST / FMNIST

@@ -3,8 +3,8 @@ through ``MoEStrategy`` (fast tensor path and Avalanche loaders; the fast path a
 reference code's train error, a second no-grad forward per step, to price that measurement),
 a plain PyTorch loop and Avalanche's ``Naive``; and each of the paper's three mixtures
 (original softmax gate, attentive, attentive + L_s) on the fast path with today's step and with
-the ``baseline`` step (the layouts before issue 16, ``moe_cl.core.bank.legacy_layouts``), side
-by side in one run."""
+the ``baseline`` step (the layouts before issue 16, :data:`BASELINE_LAYOUTS`), side by side in
+one run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -34,7 +33,7 @@ from moe_cl.bench.training import (
     timed_strategy,
     timed_train,
 )
-from moe_cl.core.bank import legacy_layouts
+from moe_cl.core.layouts import CpuLayouts, use_layouts
 from moe_cl.data.tensors import dataset_tensors
 from moe_cl.training.plugins import ReferenceTrainError, SampleSimilarityRegularizer
 from moe_cl.training.strategies import MoEStrategy
@@ -45,11 +44,14 @@ MEASURED = "MoEStrategy fast_data=True + reference train error"
 BASELINE = "MoEStrategy fast_data=True, baseline step"
 SOFTMAX, SOFTMAX_BASELINE = "original MoE (softmax gate)", "original MoE, baseline step"
 LS, LS_BASELINE = "attentive + L_s", "attentive + L_s, baseline step"
+# The baseline step's layouts: one-channel convolutions and max-pooling in NCHW on the CPU, as
+# before issue 16 (today's: moe_cl.core.layouts.LAYOUTS).
+BASELINE_LAYOUTS = CpuLayouts(narrow_channels_last=False)
 # L_s as the paper_fmnist preset sets it (strategies/attentive_ls.yaml, by_benchmark).
 PAPER_LS = partial(SampleSimilarityRegularizer, beta_s=1e-6, beta_d=1e-2, scaling="reference")
 # Each strategy variant: its class and the options that set it apart (``plugins``: the plugin
 # classes, a fresh one of each per run; ``gate``: the mixture's gate, attentive by default;
-# ``legacy``: the baseline step, inside ``legacy_layouts()``).
+# ``legacy``: the baseline step, its model in ``BASELINE_LAYOUTS``).
 STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
     FAST: (MoEStrategy, {"fast_data": True}),
     BASELINE: (MoEStrategy, {"fast_data": True, "legacy": True}),
@@ -76,11 +78,13 @@ def run_strategy(
 ) -> EpochRun:
     """``strategy_class(...).train`` of the mixture with ``gate`` (M = 5) on one experience,
     with a fresh plugin from each of ``plugins``; ``legacy``: with the baseline step."""
-    strategy, clock = timed_strategy(strategy_class, paper_model("fmnist", 5, gate=gate),
-                                     epochs=epochs, batch=batch, device=device,
-                                     plugins=[make() for make in plugins], **options)
-    with legacy_layouts() if legacy else nullcontext():
-        return timed_train(strategy, experience, clock, device)
+    model = paper_model("fmnist", 5, gate=gate)
+    if legacy:
+        use_layouts(model, BASELINE_LAYOUTS)
+    strategy, clock = timed_strategy(strategy_class, model, epochs=epochs, batch=batch,
+                                     device=device, plugins=[make() for make in plugins],
+                                     **options)
+    return timed_train(strategy, experience, clock, device)
 
 
 def _gather_with_loader(dataset: Any) -> tuple[Tensor, Tensor]:
@@ -249,8 +253,9 @@ def run(sizes: Sizes, device: torch.device, options: Options) -> dict[str, Any]:
             "forward of each mini-batch after its step; train.reference_train_error, on for the "
             "paper_* benchmarks): the ratio to the fast path without it is its cost.",
             "baseline step: the same mixture with the layouts before issue 16 (one-channel "
-            "convolutions and max-pooling in NCHW on the CPU: moe_cl.core.bank.legacy_layouts); "
-            "the ratio baseline / today per mixture is the step's speed-up.",
+            "convolutions and max-pooling in NCHW on the CPU: "
+            "moe_cl.bench.epoch.BASELINE_LAYOUTS); the ratio baseline / today per mixture is "
+            "the step's speed-up.",
         ],
     }
 

@@ -21,8 +21,8 @@ from torch.utils.data import TensorDataset
 
 from moe_cl.bench.harness import sync
 from moe_cl.core.zoo import get_architecture
+from moe_cl.data.datasets import dataset_of
 from moe_cl.data.streams import DataError, make_benchmark
-from moe_cl.run.experiment import DATASET_ARCHITECTURE
 from moe_cl.training.models import MixtureOfExperts
 
 FULL_SIZES = {"paper_fmnist": (60_000, 10_000), "paper_cifar100": (50_000, 10_000)}  # train, test
@@ -108,7 +108,7 @@ def paper_stream(
         print(f"[bench] {name}: real data not found ({reason}); using synthetic tensors")
     full_train, full_test = FULL_SIZES[name]
     n_train = full_train if samples is None else samples
-    arch = get_architecture(DATASET_ARCHITECTURE[name.split("_", 1)[-1]])
+    arch = get_architecture(dataset_of(name).architecture)
     bm = synthetic_benchmark(n_train, n_test or full_test, arch.input_shape, arch.num_classes)
     return bm, f"synthetic {name}-shaped tensors ({n_train} training samples)"
 

@@ -14,65 +14,23 @@ group can be frozen as a whole. The only Python loop is over growth events, neve
 
 Layouts used inside a group: convolution stages carry ``[N, m*C, H, W]`` (channel-stacked);
 linear stages carry ``[m, N, F]`` (expert-major). Input shared by all experts skips the copy.
+Their CPU memory layouts are a group's ``layouts`` (:mod:`moe_cl.core.layouts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# ----------------------------------------------------------------------------- layer specs
+from moe_cl.core.layer_specs import BatchNorm, Conv, Flatten, Hidden, Layer, Linear, MaxPool, ReLU
+from moe_cl.core.layouts import LAYOUTS, CpuLayouts
 
-
-@dataclass(frozen=True)
-class Conv:
-    in_channels: int
-    out_channels: int
-    kernel_size: int = 3
-    padding: int = 0
-    bias: bool = True
-
-
-@dataclass(frozen=True)
-class BatchNorm:
-    channels: int
-
-
-@dataclass(frozen=True)
-class ReLU:
-    pass
-
-
-@dataclass(frozen=True)
-class MaxPool:
-    size: int = 2
-
-
-@dataclass(frozen=True)
-class Flatten:
-    pass
-
-
-@dataclass(frozen=True)
-class Linear:
-    in_features: int
-    out_features: int
-    bias: bool = True
-
-
-@dataclass(frozen=True)
-class Hidden:
-    """Marks where the expert's hidden vector h is read: right after the preceding Linear."""
-
-
-Layer = Conv | BatchNorm | ReLU | MaxPool | Flatten | Linear | Hidden
+# The gates' layout modules, which core.zoo takes from here.
 
 
 @dataclass(frozen=True)
@@ -160,123 +118,17 @@ class ReferenceExpert(nn.Module):
 # ----------------------------------------------------------------------------- batched path
 
 
-# On the CPU, stacked convolutions with this many output channels or more run in channels-last
-# layout: 1.55x faster forward + backward for the CIFAR-100 experts at M = 20 (160 channels),
-# while the one-channel MNIST experts (5 channels at M = 5) were slower (0.84x) that way
-# (docs/performance.md). The activations keep the layout until the experts flatten them.
-CHANNELS_LAST_MIN = 64
-
-
-# On the CPU, max-pooling of NCHW maps is several times slower than of channels-last maps once
-# they have a few channels (3-10x at 5-8 channels of 26x26; equal at 1-2), and so is the weight
-# gradient of a convolution writing such maps. From this many channels on, maps are pooled
-# channels-last, and a one-channel input is viewed channels-last (free), so that its convolution
-# writes channels-last maps (docs/performance.md).
-NARROW_CHANNELS_LAST_MIN = 4
-_narrow_channels_last = True
-
-
-@contextmanager
-def legacy_layouts() -> Iterator[None]:
-    """Inside this block convolutions of one-channel inputs and max-pooling keep NCHW, as
-    before the rule above: the bench's ``baseline`` step and the tests compare the two."""
-    global _narrow_channels_last
-    before, _narrow_channels_last = _narrow_channels_last, False
-    try:
-        yield
-    finally:
-        _narrow_channels_last = before
-
-
-def _narrow_rule_applies(x: Tensor, channels: int) -> bool:
-    return x.device.type == "cpu" and _narrow_channels_last and channels >= NARROW_CHANNELS_LAST_MIN
-
-
-def conv_layout(x: Tensor, out_channels: int) -> Tensor:
-    """``x`` [N, C, H, W] in the memory layout in which a convolution to ``out_channels``
-    channels runs fastest on its device (the same values either way).
-
-    On the CPU: a one-channel input convolved to ``NARROW_CHANNELS_LAST_MIN`` channels or more
-    is viewed channels-last (its memory is the same in both layouts: nothing is copied), and
-    any input convolved to ``CHANNELS_LAST_MIN`` channels or more is copied to channels-last
-    (once: the outputs keep the layout). Elsewhere ``x`` as it is. BatchNorm of channels-last
-    maps sums its statistics in a less accurate order on the CPU (relative errors of 1e-5-1e-4
-    instead of 1e-7): the gates keep it in NCHW; the paper's one-channel experts have none.
-    """
-    if x.shape[1] == 1 and _narrow_rule_applies(x, out_channels):
-        n, _, height, width = x.shape
-        return x.reshape(n, height, width, 1).permute(0, 3, 1, 2)
-    if x.device.type == "cpu" and out_channels >= CHANNELS_LAST_MIN:
-        return x.contiguous(memory_format=torch.channels_last)  # no-op once it is
-    return x
-
-
-class _Relayout(torch.autograd.Function):
-    """A copy of x in another memory format whose gradient goes back in x's format (autograd's
-    own copy hands the gradient on in the new format, and NCHW BatchNorm's backward is slow on a
-    channels-last gradient)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, memory_format: torch.memory_format) -> Tensor:
-        ctx.source = _memory_format(x)
-        return x.contiguous(memory_format=memory_format)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad.contiguous(memory_format=ctx.source), None
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def relayout(x: Tensor, memory_format: torch.memory_format) -> Tensor:
-    """``x`` in ``memory_format`` (itself if it is already), its gradient in x's format."""
-    if x.is_contiguous(memory_format=memory_format):
-        return x
-    return _Relayout.apply(x, memory_format)
-
-
-def max_pool(x: Tensor, pool: Callable[[Tensor], Tensor]) -> Tensor:
-    """``pool(x)`` (a max-pooling), in x's layout, computed channels-last on the CPU for maps of
-    ``NARROW_CHANNELS_LAST_MIN`` channels or more: the same values and gradients (a maximum is
-    exact, and both layouts keep the first maximum of a window)."""
-    if x.is_contiguous(memory_format=torch.channels_last) or not _narrow_rule_applies(
-            x, x.shape[1]):
-        return pool(x)
-    return relayout(pool(relayout(x, torch.channels_last)), _memory_format(x))
-
-
-class LayoutConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that convolves a one-channel input in the layout :func:`conv_layout`
-    chooses and returns its output in NCHW (so that a BatchNorm after it stays accurate): the
-    gates' first convolution. The same parameters and state_dict as ``nn.Conv2d``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] != 1 or not _narrow_rule_applies(x, self.out_channels):
-            return super().forward(x)
-        return relayout(super().forward(conv_layout(x, self.out_channels)),
-                        torch.contiguous_format)
-
-
-class LayoutMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` through :func:`max_pool`: the gates' pooling."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return max_pool(x, super().forward)
-
-
 class ExpertGroup(nn.Module):
     """``num_experts`` experts with stacked weights, added to the bank at the same time."""
 
-    def __init__(self, spec: ExpertSpec, num_experts: int) -> None:
+    def __init__(self, spec: ExpertSpec, num_experts: int,
+                 layouts: CpuLayouts = LAYOUTS) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.spec = spec
         self.num_experts = num_experts
+        self.layouts = layouts
         self.frozen = False
         params: list[nn.Module | None] = []
         m = num_experts
@@ -411,7 +263,7 @@ class ExpertGroup(nn.Module):
             match layer:
                 case Conv():
                     weight, bias = mod.weight, mod.bias
-                    x = conv_layout(x, layer.out_channels * m)
+                    x = self.layouts.conv_input(x, layer.out_channels * m)
                     if experts is not None:
                         weight = _select_blocks(weight, experts, layer.out_channels)
                         bias = None if bias is None else _select_blocks(
@@ -426,7 +278,7 @@ class ExpertGroup(nn.Module):
                 case ReLU():
                     x = F.relu(x)
                 case MaxPool():
-                    x = max_pool(x, partial(F.max_pool2d, kernel_size=layer.size))
+                    x = self.layouts.max_pool(x, partial(F.max_pool2d, kernel_size=layer.size))
                 case Flatten():
                     if shared:
                         x = x.flatten(1)
@@ -475,12 +327,14 @@ def _select_blocks(t: Tensor, experts: Tensor, block: int) -> Tensor:
 class ExpertBank(nn.Module):
     """All experts of a mixture: a growing list of :class:`ExpertGroup`."""
 
-    def __init__(self, spec: ExpertSpec, num_experts: int) -> None:
+    def __init__(self, spec: ExpertSpec, num_experts: int,
+                 layouts: CpuLayouts = LAYOUTS) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.spec = spec
-        self.groups = nn.ModuleList([ExpertGroup(spec, num_experts)])
+        self.layouts = layouts  # also those of the groups it adds
+        self.groups = nn.ModuleList([ExpertGroup(spec, num_experts, layouts)])
 
     @property
     def num_experts(self) -> int:
@@ -499,7 +353,7 @@ class ExpertBank(nn.Module):
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         ref = next(self.parameters())
-        group = ExpertGroup(self.spec, count).to(device=ref.device, dtype=ref.dtype)
+        group = ExpertGroup(self.spec, count, self.layouts).to(ref.device, ref.dtype)
         group.train(self.training)
         self.groups.append(group)
         return group

@@ -1,16 +1,17 @@
 """A router that cannot forget: class statistics in a feature space fixed once.
 
-The features come from a frozen map (:class:`PixelFeatures`, :class:`RandomConvFeatures`, or the
-mixture's gate trunk). :class:`ClassStatistics` keeps, per class, the count and mean of those
-features and the pooled within-class scatter, merged exactly from each experience's data alone,
-so its final state does not depend on the order of the stream and no sample is stored. A shrunk
-linear discriminant on these statistics gives class log-likelihoods, and
+The features come from a frozen map (:class:`PixelFeatures`, :class:`RandomConvFeatures`, or a
+gate network's trunk, :func:`trunk_features`). :class:`ClassStatistics` keeps, per class, the
+count and mean of those features and the pooled within-class scatter, merged exactly from each
+experience's data alone, so its final state does not depend on the order of the stream and no
+sample is stored. A shrunk linear discriminant on these statistics gives class log-likelihoods, and
 :func:`experience_log_posterior` turns them into the probability of each experience, which says
 which experts should see a sample.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -19,10 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_cl.core.bank import conv_layout, max_pool
-
-# The feature maps a router may use; the mixture adds its own "gate_trunk".
-FEATURE_MAPS = ("pixels", "random_conv")
+from moe_cl.core.layouts import LAYOUTS
 
 
 class PixelFeatures(nn.Module):
@@ -42,6 +40,8 @@ class RandomConvFeatures(nn.Module):
     are rebuilt from the constructor's arguments instead of saved: the state_dict holds only those
     arguments, and loading checks that they match.
     """
+
+    layouts = LAYOUTS
 
     def __init__(
         self, in_channels: int, channels: int = 16, kernel: int = 5, pool: int = 2, seed: int = 0
@@ -65,8 +65,9 @@ class RandomConvFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The layouts of the experts' bank: a one-channel input's maps channels-last on the
         # CPU, 2.3x faster here for 96 channels (docs/performance.md); the same features.
-        maps = F.conv2d(conv_layout(x, self.channels), self.weight)
-        return F.relu(max_pool(maps, partial(F.max_pool2d, kernel_size=self.pool))).flatten(1)
+        maps = F.conv2d(self.layouts.conv_input(x, self.channels), self.weight)
+        pooled = self.layouts.max_pool(maps, partial(F.max_pool2d, kernel_size=self.pool))
+        return F.relu(pooled).flatten(1)
 
     def get_extra_state(self) -> dict:
         return {"in_channels": self.in_channels, "channels": self.channels,
@@ -77,6 +78,14 @@ class RandomConvFeatures(nn.Module):
             raise ValueError(
                 f"random conv features saved as {state}, this module is {self.get_extra_state()}"
             )
+
+
+def trunk_features(network: nn.Sequential, x: Tensor) -> Tensor:
+    """A gate network's layers up to its first Flatten, flattened: the ``gate_trunk`` feature
+    space, a fixed map once the network is frozen."""
+    for layer in itertools.takewhile(lambda m: not isinstance(m, nn.Flatten), network):
+        x = layer(x)
+    return x.flatten(1)
 
 
 class ClassStatistics(nn.Module):

@@ -1,8 +1,9 @@
 """The paper's architectures (PAPER.md section 4) as named presets, and gate distillation.
 
 Each :class:`Architecture` knows its expert spec, its gate network (the attentive variant and the
-original one) and the paper's default number of experts. ``mlp`` is a small generic preset for
-synthetic data and demos.
+original one) and the paper's default number of experts. ``mlp`` is a small fully connected
+family for flat inputs (and any input, flattened), sized by the data: :func:`mlp_architecture`,
+or the name ``mlp`` with ``input_size`` and ``num_classes`` (:func:`resolve_architecture`).
 
 Where the paper applies ReLU and then 2x2 max-pooling, the networks pool first. The two orders
 compute the same function and, with PyTorch's tie-breaking (the first maximum of a window), the
@@ -15,7 +16,7 @@ docs/performance.md). Parameter names do not change.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -27,8 +28,6 @@ from moe_cl.core.bank import (
     ExpertSpec,
     Flatten,
     Hidden,
-    LayoutConv2d,
-    LayoutMaxPool2d,
     Linear,
     MaxPool,
     ReferenceExpert,
@@ -36,6 +35,7 @@ from moe_cl.core.bank import (
 )
 from moe_cl.core.choices import GATES, GateKind
 from moe_cl.core.gates import AttentiveGate, SoftmaxGate
+from moe_cl.core.layouts import LayoutConv2d, LayoutMaxPool2d
 from moe_cl.core.mixture import MixtureOfExpertsCore, OutputMode
 
 
@@ -173,8 +173,31 @@ def get_architecture(name: str) -> Architecture:
         return ARCHITECTURES[name]
     except KeyError:
         raise ValueError(
-            f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}"
+            f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)} or 'mlp' "
+            "(with input_size and num_classes)"
         ) from None
+
+
+def resolve_architecture(
+    architecture: str | Architecture, *, input_size: int | Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> Architecture:
+    """The architecture a model names: a paper preset, ``mlp`` sized by ``input_size`` (the
+    number of features, or the shape of one sample) and ``num_classes`` (both required, as for
+    Avalanche's ``SimpleMLP``), or an :class:`Architecture` as given. Sizes given with anything
+    but ``mlp`` are an error: the other families fix their own."""
+    sized = input_size is not None or num_classes is not None
+    if architecture == "mlp":
+        if input_size is None or num_classes is None:
+            raise ValueError("architecture 'mlp' needs input_size and num_classes")
+        shape = (input_size,) if isinstance(input_size, int) else tuple(input_size)
+        return mlp_architecture(shape, num_classes)
+    if sized:
+        raise ValueError("input_size and num_classes size only architecture 'mlp'; "
+                         f"{architecture!r} fixes its own")
+    if isinstance(architecture, str):
+        return get_architecture(architecture)
+    return architecture
 
 
 def build_gate(arch: Architecture, kind: GateKind, num_experts: int) -> SoftmaxGate | AttentiveGate:

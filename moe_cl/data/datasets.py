@@ -1,34 +1,35 @@
-"""The data sets: where their files lie, how they are read, what they hold.
+"""The data sets: one table entry each, and :func:`load`.
 
 ``DATASETS`` holds one entry per data set (its torchvision folder and file names, normalisation
-statistics, input shape, number of classes, reader); :func:`load` reads one into normalised
-float tensors ``[N, C, H, W]``. Adding a data set is one table entry plus its reader.
-
-Raw files live in torchvision's layout under the data root; nothing is downloaded unless
-``download`` is set, and every failure to find or parse data raises :class:`DataError` with a
-one-line message that says which files are expected where and how to obtain them.
+statistics, input shape, number of classes, reader, default architecture); :func:`load` reads one
+into normalised float tensors ``[N, C, H, W]`` and :func:`dataset_of` finds a benchmark's. Adding
+a data set is one table entry plus, for a new file format, its reader (:mod:`moe_cl.data.readers`)
+and its name in :mod:`moe_cl.data.names`.
 """
 
 from __future__ import annotations
 
-import gzip
-import math
-import os
-import pickle
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.error import URLError
 
-import numpy as np
-import torch
-from torch import Tensor
-
-from moe_cl.errors import USAGE_ERROR
-from moe_cl.storage.run_folder import folder_problem
+from moe_cl.data.names import BENCHMARK_DATASET
+from moe_cl.data.readers import (
+    CIFAR100_SUPERCLASS_OF,
+    IDX_FILES,
+    check_data_root,
+    fetch_archive,
+    fetch_with_torchvision,
+    generate_tiny,
+    read_cifar100,
+    read_idx,
+)
+from moe_cl.data.spec import (
+    DataError,
+    DataOptions,
+    DatasetSpec,
+    DebianPackage,
+    LoadedDataset,
+    Stats,
+)
 
 __all__ = [
     "CIFAR100_SUPERCLASS_OF",
@@ -40,6 +41,7 @@ __all__ = [
     "DebianPackage",
     "LoadedDataset",
     "cifar100_superclass_of",
+    "dataset_of",
     "load",
 ]
 
@@ -47,105 +49,6 @@ __all__ = [
 # variable lets tests (and unusual installs) point elsewhere.
 DEBIAN_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEBIAN_FMNIST_ENV = "MOE_CL_DEBIAN_FMNIST"
-
-# Coarse (superclass) label of each CIFAR-100 fine label, in the data set's own numbering: needed
-# to read expert x superclass tables without having the files at hand.
-CIFAR100_SUPERCLASS_OF: tuple[int, ...] = (
-    4, 1, 14, 8, 0, 6, 7, 7, 18, 3,
-    3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
-    6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
-    0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
-    5, 19, 8, 8, 15, 13, 14, 17, 18, 10,
-    16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
-    10, 3, 2, 12, 12, 16, 12, 1, 9, 19,
-    2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
-    16, 19, 2, 4, 6, 19, 5, 5, 8, 19,
-    18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
-)  # fmt: skip
-
-_IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-_DOWNLOAD_HINT = "data.download=true (download=True in Python) on a machine with network access"
-
-Stats = tuple[tuple[float, ...], tuple[float, ...]]
-
-
-class DataError(Exception):
-    """Data missing, unreadable or corrupt; the message tells the user what to do."""
-
-    exit_code = USAGE_ERROR
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """What a reader may need besides the data root."""
-
-    download: bool = False
-    seed: int = 0
-    synthetic_classes: int = 10  # class count of a generated data set; files fix their own
-    samples_per_class: int = 64  # generated data sets: train samples per class
-    test_samples_per_class: int = 32
-    debian_fmnist_dir: str | Path | None = None  # overrides DebianPackage.folder
-
-
-@dataclass
-class LoadedDataset:
-    """A data set's train and test tensors (inputs normalised) and what it says of its
-    classes."""
-
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    n_classes: int
-    class_names: list[str] | None = None
-    superclasses: list[int] | None = None  # superclass of each class id
-    superclass_names: list[str] | None = None
-
-
-@dataclass(frozen=True)
-class DebianPackage:
-    """A Debian/Ubuntu package that ships a data set's files gzipped in one folder."""
-
-    name: str
-    folder: str
-    folder_env: str  # environment variable naming another folder (tests, unusual installs)
-
-    def folder_in_use(self, override: str | Path | None) -> Path:
-        if override is not None:
-            return Path(override)
-        return Path(os.environ.get(self.folder_env, self.folder))
-
-
-Reader = Callable[["DatasetSpec", Path, DataOptions], LoadedDataset]
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One data set: where its files lie, how to get and read them, what its samples are."""
-
-    name: str
-    title: str  # how messages name it
-    input_shape: tuple[int, int, int]
-    n_classes: int | None  # None: generated, as many as DataOptions.synthetic_classes
-    read: Reader
-    folder: str | None = None  # torchvision's folder under the data root; None: no files
-    subfolder: str = ""  # where in that folder the files lie
-    files: tuple[str, ...] = ()
-    file_kind: str = "files"  # how the missing-data message calls them
-    copy_instruction: str = ""  # the manual way of getting them, for that message
-    stats: Stats | None = None  # per-channel (mean, std) of the raw pixels scaled to [0, 1]
-    torchvision_class: str | None = None  # name in torchvision.datasets, for downloads
-    fetch: Callable[[DatasetSpec, Path], None] | None = None  # download into the data root
-    debian: DebianPackage | None = None
-    augment_flip_crop: bool = False  # trained on random flips and reflect-padded crops
-
-    def files_dir(self, root: Path) -> Path:
-        return root / str(self.folder) / self.subfolder
 
 
 def load(name: str, root: str | Path, options: DataOptions | None = None) -> LoadedDataset:
@@ -155,11 +58,16 @@ def load(name: str, root: str | Path, options: DataOptions | None = None) -> Loa
     if spec.folder is None:
         return spec.read(spec, Path(root), options)
     root = Path(root).expanduser()
-    _check_data_root(root)
+    check_data_root(root)
     try:
         return spec.read(spec, root, options)
     except OSError as exc:  # a last resort: the readers name their own failures
         raise DataError(f"cannot read the data under {root}: {exc}") from exc
+
+
+def dataset_of(benchmark: str) -> DatasetSpec:
+    """The table entry of the data set that benchmark ``benchmark`` draws from."""
+    return DATASETS[BENCHMARK_DATASET[benchmark]]
 
 
 def cifar100_superclass_of(fine_label: int) -> int:
@@ -167,350 +75,6 @@ def cifar100_superclass_of(fine_label: int) -> int:
     if not 0 <= int(fine_label) < 100:
         raise ValueError(f"CIFAR-100 fine labels are 0..99, got {fine_label}")
     return CIFAR100_SUPERCLASS_OF[int(fine_label)]
-
-
-# --------------------------------------------------------------------------------------------
-# Files at hand: checks, Debian package, download
-# --------------------------------------------------------------------------------------------
-
-
-def _check_data_root(root: Path) -> None:
-    problem = folder_problem(root)
-    if problem:
-        raise DataError(f"unusable data folder: {problem}; point data_root (data.root) at a folder")
-
-
-def _missing(folder: Path, names: Sequence[str]) -> list[str]:
-    try:
-        return [n for n in names if not (folder / n).is_file()]
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise DataError(f"cannot look into the data folder {folder}: {reason}") from exc
-
-
-def _absent_dirs(folder: Path) -> list[Path]:
-    """``folder`` and its ancestors not existing yet, deepest first, for cleanup on failure."""
-    absent = []
-    d = folder.absolute()
-    while not d.exists() and d != d.parent:
-        absent.append(d)
-        d = d.parent
-    return absent
-
-
-def _remove_if_empty(dirs: Sequence[Path]) -> None:
-    for d in dirs:
-        try:
-            d.rmdir()  # only succeeds when empty
-        except OSError:
-            pass
-
-
-def _files_at_hand(spec: DatasetSpec, root: Path, options: DataOptions) -> Path:
-    """The folder holding the data set's files, which are unpacked from its Debian package or
-    downloaded (when allowed) if missing; a DataError says what to put where otherwise."""
-    folder = spec.files_dir(root)
-    missing = _missing(folder, spec.files)
-    debian = spec.debian.folder_in_use(options.debian_fmnist_dir) if spec.debian else None
-    if missing and debian is not None and all((debian / f"{n}.gz").is_file() for n in missing):
-        _unpack_debian(spec, debian, folder, missing)
-        missing = []
-    if missing and options.download:
-        _download(spec, root)
-        missing = _missing(folder, spec.files)
-    if missing:
-        raise DataError(_missing_message(spec, folder, missing, debian))
-    return folder
-
-
-def _missing_message(
-    spec: DatasetSpec, folder: Path, missing: Sequence[str], debian: Path | None
-) -> str:
-    msg = (
-        f"{spec.title} data not found: expected the {spec.file_kind} {', '.join(spec.files)} "
-        f"in {folder} (missing: {', '.join(missing)}). "
-    )
-    if spec.debian is not None:
-        msg += (
-            f"On Debian/Ubuntu run `apt-get install -y {spec.debian.name}`: moe-cl then "
-            f"unpacks {debian}/*.gz into that folder automatically, with no network. "
-            "Otherwise pass "
-        )
-    else:
-        msg += "Pass "
-    return msg + f"{_DOWNLOAD_HINT}, or {spec.copy_instruction}."
-
-
-def _unpack_debian(spec: DatasetSpec, debian: Path, folder: Path, names: Sequence[str]) -> None:
-    """Decompress a Debian package's .gz files into torchvision's folder, atomically per file.
-
-    Debian recompresses the archives, so torchvision's checksums of the .gz files fail; the
-    uncompressed files are what torchvision actually reads.
-    """
-    created = _absent_dirs(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        _remove_if_empty(created)
-        why = folder_problem(folder) or exc.strerror or str(exc)
-        raise DataError(
-            f"cannot create the folder {folder} to unpack the {spec.title} files of {debian} "
-            f"into: {why}"
-        ) from exc
-    for name in names:
-        src = debian / f"{name}.gz"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, length=1 << 20)
-            os.replace(tmp, folder / name)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            Path(tmp).unlink(missing_ok=True)
-            _remove_if_empty(created)
-            raise DataError(f"could not decompress {src} into {folder}: {exc}") from exc
-
-
-def _download(spec: DatasetSpec, root: Path) -> None:
-    """Fetch a data set with torchvision; on failure leave no empty folders behind."""
-    created = _absent_dirs(spec.files_dir(root))
-    try:
-        spec.fetch(spec, root)
-    except (RuntimeError, URLError, OSError, ValueError) as exc:
-        _remove_if_empty(created)
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        debian_hint = (
-            f", or on Debian/Ubuntu run `apt-get install -y {spec.debian.name}`"
-            if spec.debian is not None
-            else ""
-        )
-        raise DataError(
-            f"downloading {spec.folder} into {root} failed ({reason}). Without network, "
-            f"copy the files into {spec.files_dir(root)} yourself{debian_hint}."
-        ) from exc
-
-
-def _torchvision_class(spec: DatasetSpec) -> Any:
-    import torchvision.datasets as tvd
-
-    return getattr(tvd, str(spec.torchvision_class))
-
-
-def _fetch_with_torchvision(spec: DatasetSpec, root: Path) -> None:
-    _torchvision_class(spec)(root=str(root), train=True, download=True)
-
-
-def _fetch_archive(spec: DatasetSpec, root: Path) -> None:
-    """Download and unpack the archive that torchvision's class for the data set names."""
-    import torchvision.datasets.utils as tvu
-
-    cls = _torchvision_class(spec)
-    tvu.download_and_extract_archive(
-        cls.url, download_root=str(root), filename=cls.filename, md5=cls.tgz_md5
-    )
-
-
-def _normalise(data: Tensor | np.ndarray, stats: Stats) -> Tensor:
-    """uint8 [N, C, H, W] -> float32 scaled to [0, 1] and standardised, in one pass."""
-    x = torch.as_tensor(data).to(torch.float32).div_(255.0)
-    mean = torch.tensor(stats[0], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(stats[1], dtype=torch.float32).view(1, -1, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
-# --------------------------------------------------------------------------------------------
-# idx files: MNIST / Fashion-MNIST
-# --------------------------------------------------------------------------------------------
-
-
-def _replace_hint(spec: DatasetSpec, debian: Path | None) -> str:
-    """How to get an intact copy of a corrupt idx file."""
-    hint = "replace it with the original uncompressed file, or delete it and run again with "
-    hint += _DOWNLOAD_HINT
-    if spec.debian is not None:
-        hint += (
-            f"; on Debian/Ubuntu, after `apt-get install -y {spec.debian.name}`, deleting it "
-            f"is enough: moe-cl unpacks it again from {debian}, with no network"
-        )
-    return hint
-
-
-def _check_idx_file(
-    path: Path, magic: int, item_shape: Sequence[int] = (), hint: str | None = None
-) -> int:
-    """Validate an idx file's header, dimensions (``[N, *item_shape]``) and size; return N."""
-    hint = hint or "replace it with the original uncompressed file"
-    ndim = magic & 0xFF
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header = f.read(4 + 4 * ndim)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    if len(header) < 4 + 4 * ndim or int.from_bytes(header[:4], "big") != magic:
-        raise DataError(
-            f"{path} is not an idx file with magic number {magic} (corrupt or wrong file); " + hint
-        )
-    dims = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = len(header) + math.prod(dims)
-    if size != expected:
-        raise DataError(
-            f"{path} is truncated or corrupt: {size} bytes, header {dims} needs {expected}; " + hint
-        )
-    if ndim == 1 + len(item_shape) and dims[1:] != list(item_shape):
-        want = ", ".join(["N", *map(str, item_shape)])
-        raise DataError(
-            f"{path} is corrupt or the wrong file: its header gives dimensions {dims}, "
-            f"expected [{want}]; " + hint
-        )
-    return dims[0]
-
-
-def _read_idx(spec: DatasetSpec, root: Path, options: DataOptions) -> LoadedDataset:
-    """MNIST-format train/test sets: every file checked, then read with torchvision."""
-    raw = _files_at_hand(spec, root, options)
-    debian = spec.debian.folder_in_use(options.debian_fmnist_dir) if spec.debian else None
-    hint = _replace_hint(spec, debian)
-    counts = {}
-    for name in spec.files:
-        if "images" in name:
-            counts[name] = _check_idx_file(raw / name, 2051, spec.input_shape[1:], hint)
-        else:
-            counts[name] = _check_idx_file(raw / name, 2049, (), hint)
-    for split in ("train", "t10k"):
-        ni, nl = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
-        if ni != nl:
-            raise DataError(
-                f"{raw / f'{split}-labels-idx1-ubyte'} holds {nl} labels but "
-                f"{raw / f'{split}-images-idx3-ubyte'} holds {ni} images; one of them is corrupt"
-            )
-
-    out: list[Tensor] = []
-    for train in (True, False):
-        try:
-            ds = _torchvision_class(spec)(root=str(root), train=train, download=False)
-        except Exception as exc:  # torchvision raises assorted types on unreadable files
-            raise DataError(f"could not read the {spec.folder} files in {raw}: {exc}") from exc
-        labels = ds.targets.to(torch.int64)
-        if labels.numel() and int(labels.max()) >= spec.n_classes:
-            raise DataError(
-                f"{raw}: labels outside 0..{spec.n_classes - 1}, the label files are corrupt"
-            )
-        out += [_normalise(ds.data.unsqueeze(1), spec.stats), labels]
-    return LoadedDataset(out[0], out[1], out[2], out[3], n_classes=spec.n_classes)
-
-
-# --------------------------------------------------------------------------------------------
-# CIFAR-100: python pickles, read directly so synthetic files need no md5 match
-# --------------------------------------------------------------------------------------------
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays and nothing else: a data file runs no code."""
-
-    _ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a data file")
-        return super().find_class(module, name)
-
-
-def _read_pickle(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            # latin1 is how numpy arrays pickled by Python 2 (the real CIFAR files) load.
-            obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except Exception as exc:
-        raise DataError(
-            f"{path} could not be read as a CIFAR-100 pickle ({type(exc).__name__}: {exc}); "
-            "the file is truncated or corrupt, replace it with the original"
-        ) from exc
-    if not isinstance(obj, dict):
-        raise DataError(f"{path} does not hold a CIFAR-100 dictionary")
-    # Python 2 str keys load as str; keys written as bytes by Python 3 stay bytes.
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def _names(value: Any) -> list[str]:
-    return [v.decode("latin1") if isinstance(v, bytes) else str(v) for v in value]
-
-
-def _read_cifar100(spec: DatasetSpec, root: Path, options: DataOptions) -> LoadedDataset:
-    folder = _files_at_hand(spec, root, options)
-    meta = _read_pickle(folder / "meta")
-    try:
-        fine_names = _names(meta["fine_label_names"])
-        coarse_names = _names(meta["coarse_label_names"])
-    except KeyError as exc:
-        raise DataError(f"{folder / 'meta'} lacks {exc}; the file is corrupt") from exc
-    if len(fine_names) != 100 or len(coarse_names) != 20:
-        raise DataError(f"{folder / 'meta'}: expected 100 fine and 20 coarse label names")
-
-    tensors: list[Tensor] = []
-    super_of = [-1] * 100
-    for split in ("train", "test"):
-        path = folder / split
-        d = _read_pickle(path)
-        try:
-            data = np.asarray(d["data"])
-            fine = np.asarray(d["fine_labels"], dtype=np.int64)
-            coarse = np.asarray(d["coarse_labels"], dtype=np.int64)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise DataError(f"{path} lacks a valid {exc} entry; the file is corrupt") from exc
-        n = len(fine)
-        if data.dtype != np.uint8 or data.shape != (n, 3072) or coarse.shape != (n,):
-            raise DataError(
-                f"{path}: expected uint8 data [N, 3072] with N labels, got {data.dtype} "
-                f"{data.shape} and {n} labels; the file is corrupt"
-            )
-        if n and (fine.min() < 0 or fine.max() > 99 or coarse.min() < 0 or coarse.max() > 19):
-            raise DataError(f"{path}: labels out of range; the file is corrupt")
-        # First occurrence of each fine label fixes its superclass (the files are consistent).
-        uniq, first = np.unique(fine, return_index=True)
-        for f_id, c_id in zip(uniq.tolist(), coarse[first].tolist(), strict=True):
-            super_of[f_id] = c_id
-        images = data.reshape(n, *spec.input_shape)
-        tensors += [_normalise(images, spec.stats), torch.from_numpy(fine)]
-    return LoadedDataset(
-        tensors[0],
-        tensors[1],
-        tensors[2],
-        tensors[3],
-        n_classes=spec.n_classes,
-        class_names=fine_names,
-        superclass_names=coarse_names,
-        superclasses=[s if s >= 0 else CIFAR100_SUPERCLASS_OF[i] for i, s in enumerate(super_of)],
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic
-# --------------------------------------------------------------------------------------------
-
-
-def _generate_tiny(spec: DatasetSpec, root: Path, options: DataOptions) -> LoadedDataset:
-    """Gaussian clusters, one random mean pattern per class, far apart relative to noise."""
-    n_classes = options.synthetic_classes
-    g = torch.Generator().manual_seed(options.seed)
-    means = torch.randn(n_classes, *spec.input_shape, generator=g)
-
-    def draw(per_class: int) -> tuple[Tensor, Tensor]:
-        y = torch.arange(n_classes).repeat_interleave(per_class)
-        x = means[y] + 0.5 * torch.randn(len(y), *spec.input_shape, generator=g)
-        return x, y
-
-    xtr, ytr = draw(int(options.samples_per_class))
-    xte, yte = draw(int(options.test_samples_per_class))
-    return LoadedDataset(xtr, ytr, xte, yte, n_classes=n_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,6 +89,7 @@ def _idx_dataset(
     torchvision_class: str,
     stats: Stats,
     copy_instruction: str,
+    architecture: str,
     debian: DebianPackage | None = None,
 ) -> DatasetSpec:
     """An MNIST-format data set: 28x28 grey images of 10 classes in four idx files, in the
@@ -534,16 +99,17 @@ def _idx_dataset(
         title=title,
         input_shape=(1, 28, 28),
         n_classes=10,
-        read=_read_idx,
+        read=read_idx,
         folder=torchvision_class,
         subfolder="raw",
-        files=_IDX_FILES,
+        files=IDX_FILES,
         file_kind="uncompressed files",
         copy_instruction=copy_instruction,
         stats=stats,
         torchvision_class=torchvision_class,
-        fetch=_fetch_with_torchvision,
+        fetch=fetch_with_torchvision,
         debian=debian,
+        architecture=architecture,
     )
 
 
@@ -557,6 +123,7 @@ DATASETS: dict[str, DatasetSpec] = {
             torchvision_class="MNIST",
             stats=((0.1307,), (0.3081,)),
             copy_instruction="copy the four files there (gunzip the *.gz originals)",
+            architecture="mnist",
         ),
         _idx_dataset(
             name="fmnist",
@@ -564,6 +131,7 @@ DATASETS: dict[str, DatasetSpec] = {
             torchvision_class="FashionMNIST",
             stats=((0.2859,), (0.3530,)),
             copy_instruction="copy the four files there",
+            architecture="fmnist",
             debian=DebianPackage("dataset-fashion-mnist", DEBIAN_FMNIST_DIR, DEBIAN_FMNIST_ENV),
         ),
         DatasetSpec(
@@ -571,18 +139,19 @@ DATASETS: dict[str, DatasetSpec] = {
             title="CIFAR-100",
             input_shape=(3, 32, 32),
             n_classes=100,
-            read=_read_cifar100,
+            read=read_cifar100,
             folder="cifar-100-python",
             files=("train", "test", "meta"),
             file_kind="python pickles",
             copy_instruction="copy the folder extracted from cifar-100-python.tar.gz there",
             stats=((0.5074, 0.4867, 0.4411), (0.2011, 0.1987, 0.2025)),
             torchvision_class="CIFAR100",
-            fetch=_fetch_archive,
+            fetch=fetch_archive,
             augment_flip_crop=True,
+            architecture="cifar100",
         ),
         DatasetSpec(
-            name="tiny", title="tiny", input_shape=(1, 8, 8), n_classes=None, read=_generate_tiny
+            name="tiny", title="tiny", input_shape=(1, 8, 8), n_classes=None, read=generate_tiny
         ),
     )
 }

@@ -13,7 +13,9 @@ FILE_DATASETS: tuple[str, ...] = ("mnist", "fmnist", "cifar100")
 # Generated in memory: each is a benchmark of its own name.
 GENERATED_DATASETS: tuple[str, ...] = ("tiny",)
 
-BENCHMARK_NAMES: tuple[str, ...] = (
-    *(f"{kind}_{name}" for kind in ("split", "paper") for name in FILE_DATASETS),
-    *GENERATED_DATASETS,
-)
+# The data set each benchmark draws from (``moe_cl.data.datasets.dataset_of`` gives its entry).
+BENCHMARK_DATASET: dict[str, str] = {
+    **{f"{kind}_{name}": name for kind in ("split", "paper") for name in FILE_DATASETS},
+    **{name: name for name in GENERATED_DATASETS},
+}
+BENCHMARK_NAMES: tuple[str, ...] = tuple(BENCHMARK_DATASET)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from moe_cl.data.datasets import DataError, DataOptions, dataset_of, load
 from moe_cl.data.names import BENCHMARK_NAMES
-from moe_cl.data.datasets import DATASETS, DataError, DataOptions, load
 
 if TYPE_CHECKING:
     from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
@@ -188,7 +188,7 @@ def make_benchmark(
         raise TypeError(
             f"unknown benchmark option(s) {sorted(unknown)}; known: {sorted(_KNOWN_KWARGS)}"
         )
-    spec = DATASETS[name.split("_", 1)[-1]]
+    spec = dataset_of(name)
     options = DataOptions(
         download=download,
         seed=seed,

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Iterator
 
@@ -27,11 +26,11 @@ from avalanche.training.plugins import SynapticIntelligencePlugin
 from torch import Tensor, nn
 
 from moe_cl.core.mixture import masked_log_softmax
-from moe_cl.core.router import PixelFeatures, RandomConvFeatures
+from moe_cl.core.router import trunk_features
 from moe_cl.core.zoo import Architecture
 from moe_cl.errors import NonFiniteLossError
 from moe_cl.training.models import ClassMaskedModel
-from moe_cl.training.options import ROUTER_FEATURES, RouterOptions, Scenario
+from moe_cl.training.options import FEATURE_SPACES, ROUTER_FEATURES, RouterOptions, Scenario
 
 # ----------------------------------------------------------------------------- the gate network
 
@@ -85,8 +84,10 @@ class SLDAClassifier(ClassMaskedModel):
         if not 0 < shrinkage <= 1:
             raise ValueError(f"slda.shrinkage must be in (0, 1], got {shrinkage}")
         self.shrinkage = shrinkage
-        self.feature_map = self._feature_map(features)
-        self.network = gate_network_classifier(self.architecture) if features == "gate_trunk" \
+        self.feature_map = FEATURE_SPACES[features](self.architecture.input_shape,
+                                                    RouterOptions())
+        # No map of its own (gate_trunk): the trunk of the gate classifier trained first.
+        self.network = gate_network_classifier(self.architecture) if self.feature_map is None \
             else None
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.num_features = self._feature_size()
@@ -98,15 +99,6 @@ class SLDAClassifier(ClassMaskedModel):
         self.register_buffer("weights", torch.zeros(d, k), persistent=False)
         self.register_buffer("bias", torch.zeros(k), persistent=False)
         self._stale = True
-
-    def _feature_map(self, kind: str) -> nn.Module | None:
-        if kind == "pixels":
-            return PixelFeatures()
-        if kind == "random_conv":
-            options = RouterOptions()
-            return RandomConvFeatures(self.architecture.input_shape[0], options.channels,
-                                      options.kernel, options.pool, options.seed)
-        return None  # gate_trunk: the trunk of self.network
 
     @torch.no_grad()
     def _feature_size(self) -> int:
@@ -147,9 +139,7 @@ class SLDAClassifier(ClassMaskedModel):
         """[B, d]: the frozen feature map of a batch."""
         if self.feature_map is not None:
             return self.feature_map(x)
-        for layer in itertools.takewhile(lambda m: not isinstance(m, nn.Flatten), self.network):
-            x = layer(x)
-        return x.flatten(1)
+        return trunk_features(self.network, x)
 
     @torch.no_grad()
     def fit(self, features: Tensor, labels: Tensor) -> None:

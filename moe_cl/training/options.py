@@ -1,4 +1,5 @@
-"""What the Avalanche models accept, as plain Python: scenarios and the expert policy.
+"""What the Avalanche models accept, as plain Python: scenarios, the expert policy, the router's
+options and its feature spaces.
 
 :class:`ExpertPolicy` is both the policy a :class:`~.models.MixtureOfExperts` follows and
 the ``experts`` section of the run configuration (``experts.policy=grow``, ...). This module
@@ -8,8 +9,12 @@ importing torch or Avalanche; ``moe_cl.training.models`` takes them from here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:
+    from torch import nn
 
 Scenario = Literal["class", "task"]
 PolicyKind = Literal["fixed", "grow", "grow_on_demand"]
@@ -70,10 +75,44 @@ class ExpertPolicy:
             raise ValueError("experts.max and experts.reuse_distillation must be >= 0")
 
 
-RouterFeature = Literal["pixels", "random_conv", "gate_trunk"]
 RouterCombine = Literal["task", "product"]
-ROUTER_FEATURES: tuple[str, ...] = get_args(RouterFeature)
 ROUTER_COMBINES: tuple[str, ...] = get_args(RouterCombine)
+# Builds a feature space's frozen map for inputs of a shape, with the router's options; None:
+# the model's gate network up to its first Flatten (``moe_cl.core.router.trunk_features``).
+FeatureMapBuilder = Callable[[Sequence[int], "RouterOptions"], "nn.Module | None"]
+
+
+def _pixels(input_shape: Sequence[int], options: RouterOptions) -> nn.Module:
+    from moe_cl.core.router import PixelFeatures
+
+    return PixelFeatures()
+
+
+def _random_conv(input_shape: Sequence[int], options: RouterOptions) -> nn.Module:
+    from moe_cl.core.router import RandomConvFeatures
+
+    channels, *sides = input_shape
+    if (min(sides) - options.kernel + 1) // options.pool < 1:
+        raise ValueError(
+            f"router.kernel={options.kernel} and router.pool={options.pool} leave no "
+            f"features of {'x'.join(map(str, sides))} inputs; choose smaller ones")
+    return RandomConvFeatures(channels, options.channels, options.kernel, options.pool,
+                              options.seed)
+
+
+def _gate_trunk(input_shape: Sequence[int], options: RouterOptions) -> None:
+    return None  # the model's own gate network, trained on the first experience, then frozen
+
+
+# The frozen feature spaces of a routed mixture's router (router.feature) and of SLDA
+# (slda.features). Each builder imports torch inside itself, so that the configuration reads
+# the names without it. Adding a feature space: one entry here (and its test).
+FEATURE_SPACES: dict[str, FeatureMapBuilder] = {
+    "pixels": _pixels,
+    "random_conv": _random_conv,
+    "gate_trunk": _gate_trunk,
+}
+ROUTER_FEATURES: tuple[str, ...] = tuple(FEATURE_SPACES)
 
 
 @dataclass

@@ -1,23 +1,20 @@
 """The batched expert bank against the plain per-expert path."""
 
-import contextlib
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_cl.core.bank import (
+from moe_cl.core.bank import ExpertBank, ExpertGroup, count_parameters
+from moe_cl.core.layouts import (
     CHANNELS_LAST_MIN,
+    LAYOUTS,
     NARROW_CHANNELS_LAST_MIN,
-    ExpertBank,
-    ExpertGroup,
+    CpuLayouts,
     LayoutConv2d,
     LayoutMaxPool2d,
-    conv_layout,
-    count_parameters,
-    legacy_layouts,
-    max_pool,
+    use_layouts,
 )
 from moe_cl.core.zoo import ARCHITECTURES, build_mixture, mlp_architecture
 
@@ -220,13 +217,16 @@ def test_pooling_before_relu_is_the_papers_network_bit_for_bit(name, part):
 # ----------------------------------------------------------------------------- layouts
 
 
-def _step(model: torch.nn.Module, x: torch.Tensor, legacy: bool) -> tuple:
-    """Output and every parameter's gradient of one forward and backward pass."""
+NCHW = CpuLayouts(narrow_channels_last=False)  # the layouts before issue 16
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, layouts: CpuLayouts) -> tuple:
+    """Output and every parameter's gradient of one forward and backward pass in ``layouts``."""
     model.zero_grad()
-    with legacy_layouts() if legacy else contextlib.nullcontext():
-        out = model(x)
-        logits = out.log_probs if hasattr(out, "log_probs") else out
-        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+    use_layouts(model, layouts)
+    out = model(x)
+    logits = out.log_probs if hasattr(out, "log_probs") else out
+    (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
     return logits.detach(), [p.grad.clone() for p in model.parameters()]
 
 
@@ -240,8 +240,8 @@ def test_channels_last_layouts_compute_what_nchw_computes(name, gate):
     core = build_mixture(ARCHITECTURES[name], gate=gate, num_experts=5).train()
     x = torch.randn(32, 1, 28, 28)
     x[..., :14] = -0.5
-    out, grads = _step(core, x, legacy=False)
-    legacy_out, legacy_grads = _step(core, x, legacy=True)
+    out, grads = _step(core, x, LAYOUTS)
+    legacy_out, legacy_grads = _step(core, x, NCHW)
     torch.testing.assert_close(out, legacy_out, rtol=1e-5, atol=1e-5)
     for grad, legacy_grad in zip(grads, legacy_grads, strict=True):
         torch.testing.assert_close(grad, legacy_grad, rtol=1e-4, atol=1e-6)
@@ -254,8 +254,8 @@ def test_max_pooling_channels_last_is_exact(channels):
     x = torch.randn(4, channels, 26, 26)
     x[:, :, :, :12] = 0.25
     ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    pooled, reference = max_pool(ours, partial(F.max_pool2d, kernel_size=2)), F.max_pool2d(
-        theirs, 2)
+    pooled = LAYOUTS.max_pool(ours, partial(F.max_pool2d, kernel_size=2))
+    reference = F.max_pool2d(theirs, 2)
     weights = torch.randn_like(reference)
     (pooled * weights).sum().backward()
     (reference * weights).sum().backward()
@@ -265,22 +265,30 @@ def test_max_pooling_channels_last_is_exact(channels):
 
 def test_layout_rules():
     one_channel = torch.randn(2, 1, 8, 8)
-    assert conv_layout(one_channel, 3) is one_channel
-    viewed = conv_layout(one_channel, NARROW_CHANNELS_LAST_MIN)
+    assert LAYOUTS.conv_input(one_channel, 3) is one_channel
+    viewed = LAYOUTS.conv_input(one_channel, NARROW_CHANNELS_LAST_MIN)
     assert viewed.data_ptr() == one_channel.data_ptr() and torch.equal(viewed, one_channel)
     assert F.conv2d(viewed, torch.randn(4, 1, 3, 3)).is_contiguous(
         memory_format=torch.channels_last)
     wide = torch.randn(2, 3, 8, 8)
-    assert conv_layout(wide, CHANNELS_LAST_MIN).is_contiguous(memory_format=torch.channels_last)
-    assert conv_layout(wide, CHANNELS_LAST_MIN - 1) is wide
+    assert LAYOUTS.conv_input(wide, CHANNELS_LAST_MIN).is_contiguous(
+        memory_format=torch.channels_last)
+    assert LAYOUTS.conv_input(wide, CHANNELS_LAST_MIN - 1) is wide
     elsewhere = torch.empty(2, 1, 8, 8, device="meta")
-    assert conv_layout(elsewhere, 64) is elsewhere
-    with legacy_layouts():
-        assert conv_layout(one_channel, 8) is one_channel
-    assert conv_layout(one_channel, 8) is not one_channel
-    with pytest.raises(RuntimeError), legacy_layouts():
-        raise RuntimeError
-    assert conv_layout(one_channel, 8) is not one_channel  # the rule is back after an error
+    assert LAYOUTS.conv_input(elsewhere, 64) is elsewhere
+    assert NCHW.conv_input(one_channel, 8) is one_channel
+    assert NCHW.conv_input(wide, CHANNELS_LAST_MIN).is_contiguous(
+        memory_format=torch.channels_last)  # the rule of wide convolutions stays
+
+
+def test_a_model_takes_other_layouts_for_all_its_modules_and_later_experts():
+    core = build_mixture(ARCHITECTURES["fmnist"], gate="attentive", num_experts=2)
+    use_layouts(core, NCHW)
+    core.bank.add_experts(1)
+    chosen = [m.layouts for m in core.modules() if hasattr(m, "layouts")]
+    # the bank, its two groups, the gate's convolution and pooling
+    assert len(chosen) == 5 and all(layouts is NCHW for layouts in chosen)
+    assert ExpertBank(ARCHITECTURES["fmnist"].expert, 1).layouts is LAYOUTS
 
 
 def test_layout_modules_keep_the_parameter_names_of_torchs():
