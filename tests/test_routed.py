@@ -10,7 +10,7 @@ from avalanche.training.plugins import ReplayPlugin
 from moe_cl.core.zoo import mlp_architecture
 from moe_cl.data.streams import make_benchmark
 from moe_cl.training.models import MixtureOfExperts
-from moe_cl.training.options import ExpertPolicy, RouterOptions
+from moe_cl.training.options import FEATURE_SPACES, ROUTER_FEATURES, ExpertPolicy, RouterOptions
 from moe_cl.training.routed import RoutedMixture, RouterUpdate, mean_pairwise_kl
 from moe_cl.training.strategies import MoEStrategy
 from tests.helpers import one_error_line, quiet_evaluator
@@ -269,6 +269,21 @@ def test_bad_router_settings_are_one_line_usage_errors(tmp_path, capsys, overrid
                  "logging.interactive=false"])
     assert code == 2 and message in one_error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("feature", ROUTER_FEATURES)
+def test_every_feature_space_of_the_registry_serves_the_router(feature):
+    """Each entry builds its frozen map (none for the gate trunk, which is the gate's own
+    network) and the router's statistics take its features."""
+    _, arch = _tiny()
+    model = _routed(arch, feature=feature)
+    assert (model.features is None) == (feature == "gate_trunk")
+    x = torch.randn(5, *arch.input_shape)
+    features = model.router_features(x)
+    assert features.shape == (5, model.statistics.num_features)
+    built = FEATURE_SPACES[feature](arch.input_shape, model.router)
+    if built is not None:
+        assert torch.equal(built(x), features)
 
 
 def test_a_feature_map_larger_than_the_input_is_a_usage_error(tmp_path, capsys):

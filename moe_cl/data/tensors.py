@@ -19,7 +19,8 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 def dataset_tensors(dataset: Dataset, chunk: int = 4096) -> Batch:
-    """All (x, y, task label) samples of a dataset as three tensors, as the dataset returns them.
+    """All (x, y, task label) samples of a dataset as three tensors, as the dataset returns them
+    (task label 0 for datasets without task labels, as Avalanche's newer generators make them).
 
     Avalanche datasets whose only transforms are class-id lookups (every benchmark of
     ``moe_cl.data.streams``, Avalanche's remapped ``nc_benchmark`` streams, their subsets and
@@ -42,11 +43,11 @@ def dataset_tensors(dataset: Dataset, chunk: int = 4096) -> Batch:
     loader = DataLoader(dataset, batch_size=chunk, shuffle=False, num_workers=0,
                         generator=torch.Generator())
     for batch in loader:
-        if len(batch) < 3:
-            raise ValueError("the fast data path needs samples of the form (x, y, task_label)")
+        if len(batch) < 2:
+            raise ValueError("the fast data path needs samples of the form (x, y[, task_label])")
         xs.append(batch[0])
         ys.append(batch[1])
-        ts.append(batch[-1])
+        ts.append(batch[2] if len(batch) > 2 else torch.zeros(len(batch[1]), dtype=torch.long))
     return torch.cat(xs), torch.cat(ys).long(), torch.cat(ts).long()
 
 
@@ -62,7 +63,9 @@ class Leaf:
 
 
 def _gather_tensors(dataset: Any, leaves: list[Leaf], n: int) -> Batch:
-    tasks = _gather_labels(dataset.targets_task_labels, n)
+    task_labels = getattr(dataset, "targets_task_labels", None)  # none: task 0, as Avalanche
+    tasks = torch.zeros(n, dtype=torch.int64) if task_labels is None else _gather_labels(
+        task_labels, n)
     if len(leaves) == 1:
         leaf = leaves[0]
         lo = int(leaf.rows[0])

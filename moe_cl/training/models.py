@@ -2,7 +2,9 @@
 
 Both are ``MultiTaskModule``s only so that Avalanche hands them the task labels; they keep one
 head over all classes and mask it: to the classes seen so far (class-incremental) or to the
-classes of each sample's task (task-incremental).
+classes of each sample's task (task-incremental). Like Avalanche's ``IncrementalClassifier``,
+they also adapt to streams without task labels (Avalanche 0.6's ``class_incremental_benchmark``,
+``benchmark_with_validation_stream``, ``split_online_stream``): every sample is then of task 0.
 
 The forward pass returns log-probabilities [B, K] (what Avalanche's accuracy and loss metrics
 read) and keeps the whole :class:`~moe_cl.core.mixture.MoEOutput` in ``last_output`` for the
@@ -12,15 +14,21 @@ regulariser plugins and routing metrics.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import torch
 from avalanche.benchmarks.scenarios import CLExperience
-from avalanche.models import MultiTaskModule
+from avalanche.models import DynamicModule, MultiTaskModule
 from torch import Tensor, nn
 
 from moe_cl.core.mixture import MixtureOfExpertsCore, MoEOutput, masked_log_softmax
-from moe_cl.core.zoo import Architecture, build_single_model, distilled_mixture, get_architecture
+from moe_cl.core.zoo import (
+    Architecture,
+    build_single_model,
+    distilled_mixture,
+    resolve_architecture,
+)
 from moe_cl.core.zoo import build_mixture as build_core_mixture
 from moe_cl.data.tensors import dataset_tensors
 from moe_cl.training.options import SCENARIOS, ExpertPolicy, Scenario
@@ -41,18 +49,38 @@ class _RoutingSlot:
         return _RoutingSlot()
 
 
+def experience_task_labels(experience: CLExperience) -> list[int]:
+    """The experience's task labels; [0] for experiences of streams without task labels."""
+    return list(getattr(experience, "task_labels", [0]))
+
+
+def experience_classes(experience: CLExperience) -> list[int]:
+    """The experience's classes; read from its data where the stream names none (the
+    mini-experiences of Avalanche's ``split_online_stream``)."""
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is None:
+        classes = experience.dataset.targets.uniques
+    return sorted(classes)
+
+
 class ClassMaskedModel(MultiTaskModule):
-    """A model of one paper architecture with one head over all classes, masked per batch:
-    it keeps track of the classes known per task and registers them in ``adaptation()``."""
+    """A model of one architecture with one head over all classes, masked per batch:
+    it keeps track of the classes known per task and registers them in ``adaptation()``.
+
+    ``architecture``: a paper architecture name (``mnist``, ``fmnist``, ``cifar100``,
+    ``cifar100_h256``), ``mlp`` (a small fully connected family for flat inputs, sized by
+    ``input_size`` and ``num_classes``) or any :class:`~moe_cl.core.zoo.Architecture`.
+    """
 
     def __init__(
-        self, architecture: str | Architecture, scenario: Scenario, mask_unseen: bool
+        self, architecture: str | Architecture, scenario: Scenario, mask_unseen: bool, *,
+        input_size: int | Sequence[int] | None = None, num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
-        if isinstance(architecture, str):
-            architecture = get_architecture(architecture)
+        architecture = resolve_architecture(architecture, input_size=input_size,
+                                            num_classes=num_classes)
         self.architecture = architecture
         num_classes = architecture.num_classes
         self.num_classes = num_classes
@@ -63,18 +91,25 @@ class ClassMaskedModel(MultiTaskModule):
         self._any_seen: bool | None = None
 
     def adaptation(self, experience: CLExperience) -> None:
-        super().adaptation(experience)
+        # MultiTaskModule's bookkeeping, which would read experience.task_labels (missing where
+        # a stream has no task labels) and experience.classes_in_this_experience.
+        DynamicModule.adaptation(self, experience)
+        classes = experience_classes(experience)
+        if classes:
+            self.max_class_label = max(self.max_class_label, max(classes) + 1)
+        if self.training:
+            self.known_train_tasks_labels |= set(experience_task_labels(experience))
         if self.scenario == "task" or self.training:
             self.register_classes(experience)
 
     def register_classes(self, experience: CLExperience) -> None:
-        classes = list(experience.classes_in_this_experience)
+        classes = experience_classes(experience)
         if classes and max(classes) >= self.num_classes:
             raise ValueError(
                 f"experience has class {max(classes)} but the model has num_classes="
                 f"{self.num_classes}"
             )
-        task = experience.task_labels[0] if self.scenario == "task" else 0
+        task = experience_task_labels(experience)[0] if self.scenario == "task" else 0
         if task >= self.seen.shape[0]:
             grown = self.seen.new_zeros(task + 1, self.num_classes)
             grown[: self.seen.shape[0]] = self.seen
@@ -132,13 +167,18 @@ class MixtureOfExperts(ClassMaskedModel):
     """A mixture of experts that reuses or adds experts across experiences (Avalanche model).
 
     Build it from a paper architecture name (``mnist``, ``fmnist``, ``cifar100``,
-    ``cifar100_h256``) or any :class:`~moe_cl.core.zoo.Architecture`.
+    ``cifar100_h256``), any :class:`~moe_cl.core.zoo.Architecture`, or for flat inputs (and
+    any input, flattened) ``architecture="mlp"`` with ``input_size`` (an int, or the shape of
+    one sample) and ``num_classes``, as Avalanche's ``SimpleMLP`` is sized:
+    ``MixtureOfExperts(architecture="mlp", input_size=20, num_classes=10)``.
     """
 
     def __init__(
         self,
         *,
         architecture: str | Architecture,
+        input_size: int | Sequence[int] | None = None,
+        num_classes: int | None = None,
         gate: str = "attentive",
         num_experts: int | None = None,
         output: str = "expectation",
@@ -146,7 +186,8 @@ class MixtureOfExperts(ClassMaskedModel):
         scenario: Scenario = "class",
         mask_unseen_classes: bool = True,
     ) -> None:
-        super().__init__(architecture, scenario, mask_unseen_classes)
+        super().__init__(architecture, scenario, mask_unseen_classes, input_size=input_size,
+                         num_classes=num_classes)
         self.core = build_core_mixture(self.architecture, gate=gate, num_experts=num_experts,
                                        output=output)
         self.policy = policy or ExpertPolicy()
@@ -202,7 +243,7 @@ class MixtureOfExperts(ClassMaskedModel):
             return
         first = not self._trained_experiences
         self._trained_experiences.append(experience.current_experience)
-        task = experience.task_labels[0] if self.scenario == "task" else 0
+        task = experience_task_labels(experience)[0] if self.scenario == "task" else 0
         if first:
             self._set_expert_tasks([task] * self.num_experts)
         if first or self.policy.policy == "fixed":
@@ -260,7 +301,7 @@ class MixtureOfExperts(ClassMaskedModel):
             mask = self.class_mask(t)
             if mask is not None:
                 mask = mask.clone()
-                mask[..., list(experience.classes_in_this_experience)] = True
+                mask[..., experience_classes(experience)] = True
             return self.core(x, mask), y
         finally:
             self.train(was_training)
@@ -338,16 +379,20 @@ class MixtureOfExperts(ClassMaskedModel):
 
 class SingleExpertModel(ClassMaskedModel):
     """The single-model baseline (one expert) with the same masking and output format, so that
-    Avalanche's own strategies (Naive, EWC, LwF, Replay, ...) run on a comparable backbone."""
+    Avalanche's own strategies (Naive, EWC, LwF, Replay, ...) run on a comparable backbone.
+    ``architecture``, ``input_size`` and ``num_classes`` as for :class:`MixtureOfExperts`."""
 
     def __init__(
         self,
         *,
         architecture: str | Architecture,
+        input_size: int | Sequence[int] | None = None,
+        num_classes: int | None = None,
         scenario: Scenario = "class",
         mask_unseen_classes: bool = True,
     ) -> None:
-        super().__init__(architecture, scenario, mask_unseen_classes)
+        super().__init__(architecture, scenario, mask_unseen_classes, input_size=input_size,
+                         num_classes=num_classes)
         self.expert = build_single_model(self.architecture)
 
     def predict(self, x: Tensor, class_mask: Tensor | None,

@@ -23,7 +23,6 @@ No training sample is kept: the router holds counts, means and one scatter matri
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import Any
 
 import torch
@@ -34,10 +33,15 @@ from torch import Tensor, nn
 from moe_cl.core.experience_routing import ExperienceRoutes, mix_by_experience
 from moe_cl.core.gates import SoftmaxGate
 from moe_cl.core.mixture import MoEOutput
-from moe_cl.core.router import ClassStatistics, PixelFeatures, RandomConvFeatures
+from moe_cl.core.router import ClassStatistics, trunk_features
 from moe_cl.data.tensors import dataset_tensors
-from moe_cl.training.models import MixtureOfExperts, class_balanced_samples, routing_output
-from moe_cl.training.options import ExpertPolicy, RouterOptions
+from moe_cl.training.models import (
+    MixtureOfExperts,
+    class_balanced_samples,
+    experience_classes,
+    routing_output,
+)
+from moe_cl.training.options import FEATURE_SPACES, ExpertPolicy, RouterOptions
 
 
 class RoutedMixture(MixtureOfExperts):
@@ -74,25 +78,13 @@ class RoutedMixture(MixtureOfExperts):
         # class_experience[k]: the experience class k arrived with (-1: not yet).
         self.register_buffer("class_experience",
                              torch.full((self.num_classes,), -1, dtype=torch.long))
-        self.features = self._feature_map()
+        # None: the gate network's trunk (gate_trunk)
+        self.features = FEATURE_SPACES[self.router.feature](self.architecture.input_shape,
+                                                            self.router)
         self.statistics = ClassStatistics(self.num_classes, self._feature_size(),
                                           self.router.shrinkage)
 
     # -- the feature space
-
-    def _feature_map(self) -> nn.Module | None:
-        options = self.router
-        if options.feature == "pixels":
-            return PixelFeatures()
-        if options.feature == "random_conv":
-            channels, *sides = self.architecture.input_shape
-            if (min(sides) - options.kernel + 1) // options.pool < 1:
-                raise ValueError(
-                    f"router.kernel={options.kernel} and router.pool={options.pool} leave no "
-                    f"features of {'x'.join(map(str, sides))} inputs; choose smaller ones")
-            return RandomConvFeatures(channels, options.channels, options.kernel, options.pool,
-                                      options.seed)
-        return None  # gate_trunk: the gate network's layers up to its first Flatten
 
     def _feature_size(self) -> int:
         with torch.no_grad():
@@ -113,11 +105,7 @@ class RoutedMixture(MixtureOfExperts):
         trained the gate (``gate_trunk``), fixed from the start otherwise."""
         if self.features is not None:
             return self.features(x)
-        trunk = list(itertools.takewhile(lambda m: not isinstance(m, nn.Flatten),
-                                         self.core.gate.network))
-        for layer in trunk:
-            x = layer(x)
-        return x.flatten(1)
+        return trunk_features(self.core.gate.network, x)
 
     @torch.no_grad()
     def update_router(self, experience: CLExperience, chunk: int = 4096) -> None:
@@ -161,7 +149,7 @@ class RoutedMixture(MixtureOfExperts):
         self._routes = None
 
     def _assign_classes(self, experience: CLExperience) -> None:
-        classes = torch.tensor(list(experience.classes_in_this_experience))
+        classes = torch.tensor(experience_classes(experience))
         earlier = self.class_experience.cpu()[classes]
         if (earlier >= 0).any():
             raise ValueError(

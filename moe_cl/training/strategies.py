@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from avalanche.core import BasePlugin
 from avalanche.training.plugins import EWCPlugin
 from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
 from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.templates.strategy_mixin_protocol import CriterionType
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -37,6 +38,14 @@ if TYPE_CHECKING:
 class MoEStrategy(SupervisedTemplate):
     """Train a :class:`~moe_cl.training.models.MixtureOfExperts` on a stream of experiences.
 
+    It takes every keyword of Avalanche's ``SupervisedTemplate`` (``eval_every``, ``peval_mode``
+    and whatever else it forwards to its bases), so periodic evaluation and the template's
+    other options work as with ``Naive``. Streams without task labels (Avalanche 0.6's
+    ``class_incremental_benchmark``) are read as task 0.
+
+    :param criterion: the loss of the mixture's output, log-probabilities: ``NLLLoss`` by
+        default (``CrossEntropyLoss`` gives the same values). The ``stochastic`` output mode
+        trains with its own loss and ignores it.
     :param batch_augment: applied to each training mini-batch on the device (e.g. CIFAR flips
         and crops), identically on the fast and the standard data path.
     :param fast_data: hold each experience as tensors on the device and batch by index
@@ -65,6 +74,7 @@ class MoEStrategy(SupervisedTemplate):
         *,
         model: MixtureOfExperts,
         optimizer: Optimizer,
+        criterion: CriterionType | None = None,
         train_mb_size: int = 256,
         train_epochs: int = 1,
         eval_mb_size: int = 1024,
@@ -72,12 +82,14 @@ class MoEStrategy(SupervisedTemplate):
         plugins: Sequence[BasePlugin] | None = None,
         evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] = default_evaluator,
         eval_every: int = -1,
+        peval_mode: str = "epoch",
         batch_augment: Callable[[Tensor], Tensor] | None = None,
         fast_data: bool = True,
         eval_top_k: int | None = None,
         precision: Precision = "fp32",
         compile_model: bool = False,
         ranks: Ranks | None = None,
+        **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, MixtureOfExperts):
             raise TypeError(f"model must be a moe_cl MixtureOfExperts, got {type(model).__name__}")
@@ -91,7 +103,7 @@ class MoEStrategy(SupervisedTemplate):
         super().__init__(
             model=model,
             optimizer=optimizer,
-            criterion=nn.NLLLoss(),
+            criterion=nn.NLLLoss() if criterion is None else criterion,
             train_mb_size=train_mb_size,
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
@@ -99,6 +111,8 @@ class MoEStrategy(SupervisedTemplate):
             plugins=plugins,
             evaluator=evaluator,
             eval_every=eval_every,
+            peval_mode=peval_mode,
+            **base_kwargs,
         )
         self.batch_augment = batch_augment
         self.fast_data = fast_data
@@ -135,6 +149,14 @@ class MoEStrategy(SupervisedTemplate):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # -- model
+
+    @property
+    def mb_task_id(self) -> Tensor:
+        """The mini-batch's task labels: task 0 for every sample of a stream without task
+        labels, whose mini-batches are (x, y) only (Avalanche's template would fail)."""
+        if len(self.mbatch) >= 3:
+            return self.mbatch[-1]
+        return torch.zeros(len(self.mbatch[0]), dtype=torch.long, device=self.mbatch[0].device)
 
     def forward(self) -> Tensor:
         with self._autocast():
@@ -202,7 +224,8 @@ class MoEStrategy(SupervisedTemplate):
         data once per test experience, since every experience is evaluated again and again.
         """
         if phase == "train":
-            return tuple(t.to(self.device) for t in dataset_tensors(self.adapted_dataset))
+            tensors = dataset_tensors(self.adapted_dataset)
+            return tuple(t.to(self.device) for t in tensors)
         source = self.experience.dataset
         entry = self._eval_cache.get(id(source))
         if entry is None or entry[0] is not source:
