@@ -9,6 +9,7 @@ Imports nothing heavy: the command line's usage errors need neither torch nor Av
 from __future__ import annotations
 
 import errno
+import signal
 
 USAGE_ERROR = 2
 NON_FINITE_LOSS = 3
@@ -34,6 +35,21 @@ class AgreedFailure(RuntimeError):
         super().__init__(message)
         self.exit_code = code
         self.every_rank = True
+
+
+class Interrupted(KeyboardInterrupt):
+    """A SIGTERM (what schedulers send to stop a job), raised where the run is, as Ctrl-C's
+    KeyboardInterrupt is: the run stops the same way, its lock released."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def interrupted_code(stop: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped by ``stop``: 128 + the signal (130 for Ctrl-C,
+    143 for SIGTERM), as a shell reports a process the signal ended."""
+    return getattr(stop, "exit_code", 128 + signal.SIGINT)
 
 
 def out_of_space(error: BaseException) -> OSError | None:

@@ -14,6 +14,7 @@ from moe_cl.training.checkpoint import (
     load_checkpoint,
     load_model_state,
     load_plugin_states,
+    model_state,
     optimizer_state,
     plugin_states,
     restore_optimizer,
@@ -60,8 +61,9 @@ def test_plugin_and_optimizer_states_survive_a_checkpoint_file(tmp_path):
     for exp in bundle.benchmark.train_stream:
         strategy.train(exp)
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"plugins": plugin_states(plugins),
-                           "optimizer": optimizer_state(optimizer, model)})
+    save_checkpoint(path, {"plugins": plugin_states(plugins), "model": model_state(model),
+                           "optimizer": optimizer_state(optimizer, model), "rng": rng_state(),
+                           "progress": {}})
     state = load_checkpoint(path)
     fresh = SingleExpertModel(architecture=arch)
     fresh.load_state_dict(model.state_dict())
@@ -94,3 +96,9 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(CheckpointError, match="not a moe-cl checkpoint"):
         load_checkpoint(path)
+    for part in ("model", "optimizer", "plugins", "rng", "progress"):  # the right tag only
+        whole = {"model": {"state_dict": {}}, "optimizer": {"state_dict": {}, "param_names": []},
+                 "plugins": {}, "rng": rng_state(), "progress": {}}
+        torch.save({"format": 1, **whole, part: []}, path)
+        with pytest.raises(CheckpointError, match=f"not a whole moe-cl checkpoint .{part} is"):
+            load_checkpoint(path)

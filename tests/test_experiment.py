@@ -5,18 +5,20 @@ import pytest
 import torch
 
 from moe_cl.core.gates import AttentiveGate, SoftmaxGate
-from moe_cl.run.config import compose
-from moe_cl.run.experiment import (
-    EpochCheckpoint,
-    Run,
+from moe_cl.run.builders import (
     build_benchmark,
     build_model,
     build_optimizer,
     build_strategy,
+    weight_decay,
+)
+from moe_cl.run.config import compose
+from moe_cl.run.experiment import (
+    EpochCheckpoint,
+    Run,
     distill,
     per_experience_values,
     run_experiment,
-    weight_decay,
 )
 from moe_cl.training.models import MixtureOfExperts, SingleExpertModel
 from moe_cl.training.options import ExpertPolicy

@@ -63,12 +63,14 @@ def test_each_writer_has_its_own_temporary_file(tmp_path, monkeypatch):
 def test_a_stopped_run_is_marked_failed_and_says_what_it_keeps(tmp_path):
     assert record_failure(tmp_path, "loss is nan") == "no experience had finished"
     assert not (tmp_path / "results.json").exists()
-    write_json(tmp_path / "results.json", {"status": "running", "accuracy_matrix": [[0.5]]})
+    running = {**{key: types[0]() for key, types in run_folder.RESULTS_FIELDS.items()},
+               "status": "running", "accuracy_matrix": [[0.5]]}
+    write_json(tmp_path / "results.json", running)
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     assert "checkpoint of the last finished experience is kept" in record_failure(
         tmp_path, "loss is nan")
     assert json.loads((tmp_path / "results.json").read_text()) == {
-        "status": "failed", "error": "loss is nan", "accuracy_matrix": [[0.5]]}
+        **running, "status": "failed", "error": "loss is nan"}
 
 
 def test_a_failed_command_removes_only_the_empty_folders_it_made(tmp_path):
@@ -233,3 +235,25 @@ def test_starting_anew_removes_only_what_a_run_writes(tmp_path):
     assert not run_folder.holds_only_run_files(tmp_path)
     run_folder.start_anew(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK, "notes.txt"]
+
+
+def test_of_two_claims_racing_for_a_stale_lock_only_the_winner_says_it_took_over(
+        tmp_path, live_process, monkeypatch):
+    """The loser's removal finds the winner's lock in place: it says nothing but the refusal."""
+    _lock_of(tmp_path, pid=2**22 + 1)  # a pid that is gone
+    real_remove = run_folder._remove_stale
+
+    def winner_first(lock, stale):  # the other claim removed it and took the lock meanwhile
+        real_remove(lock, stale)
+        _lock_of(tmp_path, pid=live_process.pid)
+
+    monkeypatch.setattr(run_folder, "_remove_stale", winner_first)
+    said: list[str] = []
+    with pytest.raises(FolderInUse, match=f"in use by process {live_process.pid}"):
+        claim_folder(tmp_path, echo=said.append)
+    assert said == []
+    monkeypatch.undo()
+    _lock_of(tmp_path, pid=2**22 + 1)
+    claim_folder(tmp_path, echo=said.append).release()
+    assert said == [f"{tmp_path}: taking over the lock of process {2**22 + 1} on "
+                    f"{socket.gethostname()}, which is gone"]

@@ -23,8 +23,8 @@ from moe_cl.bench.settings import Options, Sizes
 from moe_cl.bench.training import synthetic_benchmark, timed_strategy, timed_train
 from moe_cl.core.zoo import get_architecture
 from moe_cl.data.streams import DataError
+from moe_cl.run.builders import build_benchmark
 from moe_cl.run.config import compose
-from moe_cl.run.experiment import build_benchmark
 from moe_cl.training.methods import METHODS
 from moe_cl.training.strategies import MoEStrategy
 

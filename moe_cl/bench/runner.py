@@ -20,7 +20,7 @@ from moe_cl.bench import memory, registry, report
 from moe_cl.bench.harness import timed_section
 from moe_cl.bench.settings import PROG
 from moe_cl.errors import USAGE_ERROR
-from moe_cl.run.experiment import resolve_device as resolve
+from moe_cl.run.builders import resolve_device as resolve
 from moe_cl.storage.run_folder import write_json
 
 

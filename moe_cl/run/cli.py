@@ -3,7 +3,8 @@
 Exit codes: 0 done; 2 usage error (unknown preset or key, wrong type or value, missing or
 corrupt data, unusable checkpoint, a run folder in use by another process); 3 training stopped
 on a NaN or infinite loss; 4 no space left to write a file (the previous one is kept: free
-space, then continue with resume=).
+space, then continue as the error line says); 130 Ctrl-C, 143 SIGTERM (what schedulers send):
+one line saying where the run stopped and how to continue it, the folder's lock released.
 
 Under ``torchrun --nproc_per_node=N -m moe_cl.run ...`` the N processes train one run
 together (moe_cl.training.ranks): rank 0 claims and writes the run folder and prints; the others
@@ -16,13 +17,14 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe_cl.errors import NO_SPACE, ConfigError
+from moe_cl.errors import NO_SPACE, ConfigError, Interrupted, interrupted_code
 from moe_cl.run.config import (
     CHOICES,
     DEFAULT_BENCHMARK,
@@ -31,6 +33,7 @@ from moe_cl.run.config import (
     changed_settings,
     compose,
     default_strategy,
+    finished_results,
     load_saved,
     merge_overrides,
     preset_description,
@@ -38,6 +41,7 @@ from moe_cl.run.config import (
     reject_repeated_keys,
 )
 from moe_cl.run.lifecycle import RunFailed, claimed, resume_or_start, train
+from moe_cl.run.schema import SAFE_TO_CHANGE
 from moe_cl.storage.run_folder import (
     CONFIG,
     LOCK,
@@ -141,35 +145,55 @@ def _check_folder(out: Path, cfg: DictConfig | None, resuming: bool) -> None:
     nothing at all: that run never got going and starts now."""
     if not resuming:
         if out.exists() and any(p.name != LOCK for p in out.iterdir()):
-            raise ConfigError(f"out_dir {out} is not empty; choose another, or resume=true")
+            a_run = (out / CONFIG).exists() and holds_only_run_files(out)
+            raise ConfigError(f"out_dir {out} is not empty; " + (
+                f"continue its run with resume={out}, or choose another out_dir" if a_run
+                else "choose another out_dir"))
         return
     starts = cfg is not None and cfg.resume is True and not has_checkpoint(out)
     if not (out / CONFIG).exists() and not (starts and holds_only_run_files(out)):
         raise ConfigError(f"resume: {out} is not a run folder (no config.yaml)")
 
 
-def _resumed_settings(out: Path, cfg: DictConfig | None, argv: list[str]) -> DictConfig:
-    """The run's saved settings (the command may repeat them, and change only logging), or the
-    command's own for a run that never wrote them."""
+def _resumed_settings(out: Path, cfg: DictConfig | None,
+                      argv: list[str]) -> tuple[DictConfig, list[str]]:
+    """The run's saved settings (the command may repeat them, change logging, and change
+    explicitly what is safe to change: SAFE_TO_CHANGE, checked against the checkpoint when the
+    run starts) and the keys so changed; or the command's own for a run that never wrote
+    them."""
     if not (out / CONFIG).exists():
-        return cfg
+        return cfg, []
     saved = load_saved(out / CONFIG)
-    if cfg is not None:
-        _check_same_config(saved, cfg)
-    return merge_overrides(saved, [a for a in argv if a.startswith("logging.")])
+    overridden = [key for key in SAFE_TO_CHANGE if any(a.startswith(f"{key}=") for a in argv)]
+    requested = cfg if cfg is not None else merge_overrides(
+        saved, [a for a in argv if a.startswith(SAFE_OVERRIDES)])
+    _check_same_config(saved, requested, overridden)
+    merged = merge_overrides(saved, [a for a in argv if a.startswith("logging.")])
+    for key in overridden:
+        OmegaConf.update(merged, key, OmegaConf.select(requested, key))
+    return merged, overridden
 
 
-RESUME_KEYS = ("resume=", "out_dir=", "logging.")
+SAFE_OVERRIDES = tuple(f"{key}=" for key in SAFE_TO_CHANGE)
+RESUME_KEYS = ("resume=", "out_dir=", "logging.", *SAFE_OVERRIDES)
 
 
-def _check_same_config(saved: DictConfig, requested: DictConfig) -> None:
+def _check_same_config(saved: DictConfig, requested: DictConfig, overridden: list[str]) -> None:
     """With resume, the command may repeat the original settings but not change them
-    (logging settings excepted)."""
-    changed = changed_settings(saved, requested, ("resume", "out_dir", "logging"))
+    (logging settings and the ``overridden`` keys excepted)."""
+    changed = changed_settings(saved, requested, ("resume", "out_dir", "logging", *overridden))
     if changed:
         raise ConfigError(f"resume: the command's settings differ from the run's config.yaml "
                           f"({'; '.join(changed[:3])}); resume with only resume=FOLDER (or the "
                           "original command)")
+
+
+@dataclass
+class _Where:
+    """What the command has found so far: what an interruption's line needs."""
+
+    out: Path | None = None
+    cfg: DictConfig | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +201,45 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return 0
+    where = _Where()
+    single = _torchrun_rank() is None  # under torchrun, moe_cl.training.ranks takes SIGTERM
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if single else None
+    try:
+        return _command(argv, where)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM: the lock is released by now
+        return _report((interrupted_code(stop), _interrupted_line(stop, where)))
+    finally:
+        if single:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _interrupted_line(stop: KeyboardInterrupt, where: _Where) -> str:
+    """Where the run stopped and the command that continues it."""
+    signal_name = f" by {stop}" if isinstance(stop, Interrupted) else ""
+    position = getattr(stop, "position", None)
+    at = f" at experience {position[0]}, epoch {position[1]}" if position else ""
+    if where.out is None:
+        return f"interrupted{signal_name}{at} before a run folder was chosen"
+    return (f"interrupted{signal_name}{at}; continue with {_continue_with(where.out, where.cfg)}")
+
+
+def _continue_with(out: Path, cfg: DictConfig | None) -> str:
+    """The command that continues a run stopped in ``out``: resume=FOLDER once config.yaml is
+    written; else the original command with resume=true (it starts the run in out_dir, or in
+    the default folder left behind), or the original command if that folder is gone too."""
+    if (out / CONFIG).exists():
+        return f"resume={out}"
+    if out.exists() or (cfg is not None and cfg.out_dir):
+        return "the original command with resume=true"
+    return "the original command"
+
+
+def _command(argv: list[str], where: _Where) -> int:
+    """The command's work; an interruption (KeyboardInterrupt) is :func:`main`'s to report."""
     out = Path(".")
     ranks = None
     try:
@@ -192,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         resuming = resume_only or cfg.resume not in (False, "false")
         out = (_resume_folder(cfg if cfg is not None else _resume_probe(argv)) if resuming
                else _run_folder(cfg))
+        where.out, where.cfg = out, cfg
         problem = folder_problem(out, writable=True)
+        if problem and resuming and folder_is_complete(out):
+            return _read_back(out, cfg, argv)  # a finished run on a read-only mount
         if problem:
             raise ConfigError(f"{'resume' if resuming else 'out_dir'}: {problem}")
     except Exception as err:
@@ -203,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         with claimed(out, ranks=ranks):  # first: a folder in use is named as such
             checked = cfg is not None
             _check_folder(out, cfg, resuming)
+            overridden: list[str] = []
             if resuming:
-                cfg = _resumed_settings(out, cfg, argv)
+                cfg, overridden = _resumed_settings(out, cfg, argv)
+            where.cfg = cfg
             resume = resume_or_start(out)
             problem = _device_problem(cfg)
             if problem:
@@ -214,15 +282,25 @@ def main(argv: list[str] | None = None) -> int:
 
                 results = torchrun.lead(ranks, cfg, out, resume, checked=checked)
             else:
-                results = train(cfg, out, resume=resume)
+                results = train(cfg, out, resume=resume, overridden=overridden)
     except RunFailed as failed:
         code, message = failed.exit_code, failed.message
         if code == NO_SPACE:
-            message += f"; free space, then continue with resume={out}"
+            message += f"; free space, then continue with {_continue_with(out, where.cfg)}"
         return _report((code, message))
     from moe_cl.run.experiment import print_summary
 
     print_summary(results)
+    return 0
+
+
+def _read_back(out: Path, cfg: DictConfig | None, argv: list[str]) -> int:
+    """Print a finished run's results without claiming its folder (which may be read-only),
+    once its config.yaml, the command and its results.json agree."""
+    from moe_cl.run.experiment import print_summary
+
+    saved, _ = _resumed_settings(out, cfg, argv)
+    print_summary(finished_results(out, saved))
     return 0
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,14 @@ import moe_cl
 from moe_cl.core.choices import GATES, OUTPUTS, PAPER_ARCHITECTURES, SCALINGS
 from moe_cl.data.names import BENCHMARK_NAMES
 from moe_cl.errors import ConfigError
+from moe_cl.run.schema import (
+    DEFAULT_BENCHMARK,
+    DEFAULT_STRATEGY,
+    NOT_SHAPING,
+    REQUIRED_KEYS,
+    RunConfig,
+)
+from moe_cl.storage.run_folder import CHECKPOINT, CONFIG, RESULTS, check_results, is_complete
 from moe_cl.training.methods import BACKBONES, METHODS, key_applies
 from moe_cl.training.options import (
     EXPERT_INITS,
@@ -30,142 +37,13 @@ from moe_cl.training.options import (
     ROUTER_COMBINES,
     ROUTER_FEATURES,
     SCENARIOS,
-    ExpertPolicy,
-    RouterOptions,
 )
 from moe_cl.training.precision import PRECISIONS
 
-DEFAULT_BENCHMARK = "split_fmnist"
-DEFAULT_STRATEGY = "attentive_ls"
 # A benchmark preset may name the strategy its runs use when the command line names none.
 PRESET_STRATEGY = "strategy"
 # A strategy preset may hold settings for particular benchmarks (e.g. the paper's betas).
 BY_BENCHMARK = "by_benchmark"
-
-
-@dataclass
-class DataConfig:
-    # which stream moe_cl.data.streams builds: split_mnist | split_fmnist | split_cifar100 |
-    # paper_mnist | paper_fmnist | paper_cifar100 | tiny
-    stream: str = "split_fmnist"
-    root: str = "data"
-    download: bool = False
-    n_experiences: int = 5
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 256
-    eval_batch_size: int = 1024
-    lr: float = 1e-3
-    # "auto": the paper's rule, 1e-3 for softmax-gate and single models on CIFAR-100, else 0.
-    weight_decay: Any = "auto"
-    fast_data: bool = True
-    checkpoint_every_epochs: int = 0
-    # A measurement, not a setting: the train error as the paper's reference code measures it
-    # (a second no-grad forward after each optimiser step), results.json's train_error_reference.
-    reference_train_error: bool = False
-    # fp32 | tf32 (CUDA only) | bf16 (autocast; softmax, mixture, losses and metrics stay
-    # float32): moe_cl.training.precision. Mixture methods only.
-    precision: str = "fp32"
-    # torch.compile of the mixture's forward pass (growth recompiles it). Mixture methods only.
-    compile: bool = False
-
-
-@dataclass
-class ModelConfig:
-    # "auto" picks the paper architecture of the benchmark's data set (mlp for tiny).
-    architecture: str = "auto"
-    num_experts: int = 5
-    gate: str = "attentive"
-    output: str = "expectation"
-    mlp_width: int = 64
-    mlp_hidden: int = 32
-    # The single-model methods' network: the single expert, or the gate network as a classifier.
-    backbone: str = "expert"
-
-
-@dataclass
-class SampleSimilarityConfig:
-    beta_s: float = 0.0
-    beta_d: float = 0.0
-    scaling: str = "clean"
-    normalize_max: bool = False
-
-
-@dataclass
-class RegularizerConfig:
-    importance: float = 0.0
-    ls: SampleSimilarityConfig = field(default_factory=SampleSimilarityConfig)
-
-
-@dataclass
-class BaselineConfig:
-    ewc_lambda: float = 1.0
-    lwf_alpha: float = 1.0
-    lwf_temperature: float = 2.0
-    si_lambda: float = 1.0
-
-
-@dataclass
-class SLDAConfig:
-    # The frozen feature space of method=slda: pixels | random_conv | gate_trunk.
-    features: str = "random_conv"
-    shrinkage: float = 1e-4  # Avalanche's
-
-
-@dataclass
-class ReplayConfig:
-    mem_size: int = 0
-
-
-@dataclass
-class DistillConfig:
-    epochs: int = 0
-    # A finished run of the same configuration (minus distillation) whose trained model is
-    # distilled instead of training a new teacher (single-experience benchmarks).
-    teacher: str | None = None
-
-
-@dataclass
-class EvalConfig:
-    top_k: int | None = None
-
-
-@dataclass
-class LoggingConfig:
-    interactive: bool = True
-    tensorboard: bool = True
-    csv: bool = True
-    figures: bool = True
-
-
-@dataclass
-class RunConfig:
-    benchmark: str = DEFAULT_BENCHMARK
-    strategy: str = DEFAULT_STRATEGY
-    # moe: MoEStrategy; the others are Avalanche's strategies on the single-expert backbone.
-    method: str = "moe"
-    seed: int = 0
-    device: str = "auto"
-    out_dir: str | None = None
-    resume: Any = False
-    scenario: str = "class"
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    experts: ExpertPolicy = field(default_factory=ExpertPolicy)
-    router: RouterOptions = field(default_factory=RouterOptions)
-    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    slda: SLDAConfig = field(default_factory=SLDAConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # Each choice comes from the module that implements it.
@@ -199,6 +77,7 @@ NON_NEGATIVE = ("train.epochs", "regularizer.importance", "regularizer.ls.beta_s
                 "router.expert_weight")
 ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature", "router.shrinkage", "slda.shrinkage")
 MAX_SEED = 2**32 - 1  # numpy's limit; Avalanche seeds numpy, random and torch alike
+MAX_COUNT = 2**31 - 1  # a count beyond it (train.epochs=10**23) is a typo, not a plan
 
 
 # ----------------------------------------------------------------------------- presets
@@ -260,6 +139,8 @@ def split_arguments(argv: list[str]) -> tuple[str, str, list[str]]:
         if "=" not in arg:
             raise ConfigError(f"expected key=value, got {arg!r} (see --help)")
         key, value = arg.split("=", 1)
+        if not key:
+            raise ConfigError(f"expected key=value, got {arg!r} (no key; see --help)")
         if key == "benchmark":
             benchmark = value
         elif key == "strategy":
@@ -376,6 +257,8 @@ def validate(cfg: DictConfig) -> None:
             if not math.isfinite(value) or value < lowest or (strict and value == lowest):
                 bound = f"> {lowest}" if strict else f">= {lowest}"
                 raise ConfigError(f"{key} must be a finite number {bound}, got {value}")
+            if isinstance(value, int) and value > MAX_COUNT:
+                raise ConfigError(f"{key} must be at most {MAX_COUNT}, got {value}")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     wd = cfg.train.weight_decay
@@ -431,6 +314,56 @@ def changed_settings(saved: DictConfig, requested: DictConfig,
             if not k.startswith(ignore) and a.get(k) != b.get(k)]
 
 
+def training_settings(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The settings that shape what a run trains, flat (``train.lr``: value): what its
+    checkpoint records, so a config.yaml edited since is found out."""
+    tree = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in _flat(tree).items() if not k.startswith(NOT_SHAPING)}
+
+
+def refuse_changed_settings(recorded: dict, cfg: DictConfig, config: Path, source: str,
+                            allowed: Collection[str] = ()) -> list[str]:
+    """Compare the training settings ``recorded`` in ``source`` (a checkpoint, results.json)
+    with ``cfg``, read from ``config``: a change outside ``allowed`` (explicit overrides of
+    what is safe to change) is a ConfigError naming the keys; returns the allowed changes as
+    ``key: recorded -> now``. Keys that one side lacks (settings added since) are not
+    compared."""
+    now = training_settings(cfg)
+    changed = [f"{k}: {v} -> {now[k]}" for k, v in sorted(training_settings(recorded).items())
+               if k in now and v != now[k]]
+    refused = [c for c in changed if c.split(":", 1)[0] not in allowed]
+    if refused:
+        raise ConfigError(f"{config} no longer matches {source} ({'; '.join(refused[:3])}); "
+                          "put those settings back, or start a new run in another out_dir")
+    return changed
+
+
+def check_settings(state: dict, cfg: DictConfig, out: Path, *, overridden: Collection[str],
+                   echo: Callable[[str], None]) -> None:
+    """Refuse a config.yaml that no longer matches the settings the checkpoint ``state``
+    recorded, but for the keys ``overridden`` on the command line (safe to change in a run
+    that is not finished), which are said; a run resumed inside an experience needs more
+    epochs than its checkpoint has done."""
+    path = out / CHECKPOINT
+    for change in refuse_changed_settings(state.get("settings", {}), cfg, out / CONFIG,
+                                          f"its checkpoint {path}", overridden):
+        echo(f"{change}: changed on the command line (config.yaml follows)")
+    done = state.get("progress", {}).get("epochs_done", 0)
+    if done and done >= cfg.train.epochs:
+        raise ConfigError(f"train.epochs={cfg.train.epochs}, but checkpoint {path} is at "
+                              f"epoch {done} of its experience; choose more epochs")
+
+
+def finished_results(out: Path, cfg: DictConfig) -> dict | None:
+    """The results.json of run folder ``out`` (None: missing or cut short), refused when it is
+    not a run's results or its settings are not those of config.yaml (``cfg``)."""
+    results = check_results(out)
+    if is_complete(results):
+        refuse_changed_settings(results["config"], cfg, out / CONFIG,
+                                f"its finished results {out / RESULTS}")
+    return results
+
+
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix.rstrip("."): tree}
@@ -450,6 +383,10 @@ def load_saved(path: Path) -> DictConfig:
         saved = OmegaConf.load(path)
         if not isinstance(saved, DictConfig) or "method" not in saved:
             raise ConfigError(f"{path} does not hold a run's settings (empty or cut short?)")
+        missing = [key for key in REQUIRED_KEYS if OmegaConf.select(saved, key) is None]
+        if missing:
+            raise ConfigError(f"{path} does not hold a run's settings: {', '.join(missing)} "
+                              "missing (the defaults must not stand in for what the run used)")
         return OmegaConf.merge(OmegaConf.structured(RunConfig), saved)
     except (OSError, OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read {path}: {_one_line(err)}") from None

@@ -13,7 +13,7 @@ reads the command line, ``moe_cl.suite`` its grid, ``moe_cl.run.torchrun`` rank 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,10 +83,13 @@ def resume_or_start(folder: Path) -> bool:
 
 
 def train(cfg: DictConfig, folder: Path, *, resume: bool, ranks: Ranks | None = None,
-          echo: Callable[[str], None] = print) -> dict:
+          echo: Callable[[str], None] = print, overridden: Collection[str] = ()) -> dict:
     """Build the run's stream and train it to its end from its checkpoint (``resume``) or from
-    the start (with ``ranks``: this rank's part of a torchrun). Returns results.json's dict."""
-    from moe_cl.run.experiment import build_benchmark, run_experiment
+    the start (with ``ranks``: this rank's part of a torchrun). ``overridden``: the settings
+    safe to change that the command line changed, which may differ from the checkpoint's.
+    Returns results.json's dict."""
+    from moe_cl.run.builders import build_benchmark
+    from moe_cl.run.experiment import run_experiment
 
     if ranks is None:
         bundle = build_benchmark(cfg)
@@ -96,4 +99,5 @@ def train(cfg: DictConfig, folder: Path, *, resume: bool, ranks: Ranks | None = 
         bundle = ranks.main_first(lambda: build_benchmark(cfg))  # a download happens once
         count = f"{ranks.world_size} rank{'s' if ranks.world_size > 1 else ''}"
         echo(f"run folder: {folder} ({count} on {ranks.device.type})")
-    return run_experiment(cfg, folder, resume=resume, bundle=bundle, echo=echo, ranks=ranks)
+    return run_experiment(cfg, folder, resume=resume, bundle=bundle, echo=echo, ranks=ranks,
+                          overridden=overridden)

@@ -137,13 +137,75 @@ def _free_space(path: Path) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_results(folder: Path) -> dict | None:
-    """The run's results.json, or None if it is missing or unreadable (truncated, not JSON)."""
+class ResultsError(ValueError):
+    """A whole results.json that is not a run's results (edited by hand, or another file):
+    trusting it would tabulate or print what no run measured (a usage error)."""
+
+    exit_code = USAGE_ERROR
+
+
+# results.json's fields that readers (the summary, the suites' tables) rely on, and their types.
+_NUMBER = (int, float)
+RESULTS_FIELDS: dict[str, tuple[type, ...]] = {
+    "status": (str,), "benchmark": (str,), "strategy": (str,), "method": (str,),
+    "scenario": (str,), "seed": (int,), "device": (str,), "experiences_completed": (int,),
+    "n_experiences": (int,), "accuracy_matrix": (list,), "average_accuracy": _NUMBER,
+    "forgetting": _NUMBER, "num_experts": (int,), "experts_added": (int,),
+    "num_parameters": (int,), "wall_time_s": _NUMBER, "config": (dict,),
+}
+# Numbers that a run may not have measured (null).
+OPTIONAL_NUMBERS = ("task_aware_average_accuracy", "train_error", "train_error_reference",
+                    "test_error", "top5_error", "router_error", "H_s", "H_u", "MI", "MI_pred")
+
+
+def results_problem(results: Any) -> str | None:
+    """What makes ``results`` (results.json's parsed content) not a run's results; None when
+    they are."""
+    if not isinstance(results, dict):
+        return f"it holds a {type(results).__name__}, not a mapping of results"
+    missing = [key for key in RESULTS_FIELDS if key not in results]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for key, types in (*RESULTS_FIELDS.items(), *((k, (*_NUMBER, type(None)))
+                                                   for k in OPTIONAL_NUMBERS)):
+        value = results.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            return f"{key} is {value!r}, not {' or '.join(t.__name__ for t in types)}"
+    if results["status"] not in (RUNNING, COMPLETE, FAILED):
+        return f"status is {results['status']!r}, not {RUNNING}, {COMPLETE} or {FAILED}"
+    rows = results["accuracy_matrix"]
+    if not all(isinstance(row, list) and all(_is_number(v) for v in row) for row in rows):
+        return "accuracy_matrix is not a list of rows of numbers"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+def check_results(folder: Path) -> dict | None:
+    """The run's results.json; None if it is missing or cut short (not JSON: a run rebuilds
+    it from its checkpoint); a :class:`ResultsError` naming the file and the problem when it
+    is whole but not a run's results. The one reader of results.json."""
+    path = folder / RESULTS
     try:
-        results = json.loads((folder / RESULTS).read_text())
+        results = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return results if isinstance(results, dict) else None
+    problem = results_problem(results)
+    if problem:
+        raise ResultsError(f"{path} is not a run's results ({problem}); delete it to rebuild "
+                           "it from the run's checkpoint")
+    return results
+
+
+def read_results(folder: Path) -> dict | None:
+    """The run's results.json, or None if it is missing, unreadable or not a run's results
+    (:func:`check_results`): what is returned can be tabulated."""
+    try:
+        return check_results(folder)
+    except ResultsError:
+        return None
 
 
 def is_complete(results: dict | None) -> bool:
@@ -210,6 +272,7 @@ def claim_folder(folder: Path, echo: Callable[[str], None] = print) -> RunLock:
     Temporary files that killed writers left are removed."""
     made = make_folder(folder)
     lock = folder / LOCK
+    stale: dict | None = None  # said only once the lock is ours: a racing loser says nothing
     for _ in range(3):  # a stale lock another process took over first: look again
         try:
             _create_lock(lock)
@@ -221,10 +284,12 @@ def claim_folder(folder: Path, echo: Callable[[str], None] = print) -> RunLock:
             if not _is_stale(holder):
                 raise FolderInUse(_in_use(folder, holder)) from None
             _remove_stale(lock, holder)
-            echo(f"{folder}: taking over the lock of process {holder.get('pid')} on "
-                 f"{holder.get('host')}, which is gone")
+            stale = holder
     else:
         raise FolderInUse(_in_use(folder, _read_lock(lock)))
+    if stale is not None:
+        echo(f"{folder}: taking over the lock of process {stale.get('pid')} on "
+             f"{stale.get('host')}, which is gone")
     for leftover in (*folder.glob(".*.tmp"), *(folder / FIGURES).glob(".*.tmp")):
         if _is_temporary(leftover):  # a write of ours cut short; not a user's file
             leftover.unlink(missing_ok=True)

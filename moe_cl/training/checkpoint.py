@@ -12,7 +12,9 @@ so the model's state_dict holds them.
 from __future__ import annotations
 
 import copy
+import pickle
 import random
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -177,12 +179,26 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
 
 
+# What every checkpoint holds, each part a mapping with these keys ("settings", the settings
+# that shape training, came later: checkpoints without it still load).
+CHECKPOINT_PARTS = {"model": ("state_dict",), "optimizer": ("state_dict", "param_names"),
+                    "plugins": (), "rng": ("torch", "cuda", "numpy", "python"), "progress": ()}
+
+
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint safely; never runs code stored in the file."""
+    """Read a checkpoint safely (never runs code stored in the file) and check its structure,
+    so a file with the right format tag but wrong contents is one clear error, not a crash."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings would add lines to the one error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
+    except pickle.UnpicklingError as err:  # torch's advice (weights_only=False) is not ours
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unsafe and was not loaded (it holds objects other "
+            f"than tensors and plain data{': ' + found[0] if found else ''})") from None
     except Exception as err:  # noqa: BLE001 - every unreadable file gets the same clear error
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
@@ -190,7 +206,25 @@ def load_checkpoint(path: Path) -> dict:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a moe-cl checkpoint (format {FORMAT})")
+    problem = _structure_problem(state)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is not a whole moe-cl checkpoint ({problem}); "
+                              "it was not loaded")
     return state
+
+
+def _structure_problem(state: dict) -> str | None:
+    for part, keys in CHECKPOINT_PARTS.items():
+        if not isinstance(state.get(part), dict):
+            return f"{part} is missing" if part not in state else f"{part} is not a mapping"
+        missing = [key for key in keys if key not in state[part]]
+        if missing:
+            return f"{part} lacks {', '.join(missing)}"
+    if not isinstance(state["model"]["state_dict"], dict):
+        return "model.state_dict is not a mapping"
+    if not isinstance(state.get("settings", {}), dict):
+        return "settings is not a mapping"
+    return None
 
 
 def model_state(model: torch.nn.Module) -> dict:

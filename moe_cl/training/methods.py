@@ -105,7 +105,9 @@ class Method:
     (routing metrics, distillation, the mixture's weight-decay rule). ``joint``: it trains once,
     on all experiences together. ``build_model``: only where the model is neither the mixture
     nor the single expert. ``check``: the method's own conditions on a configuration, returning
-    what is wrong (one line) or None.
+    what is wrong (one line) or None. ``backward``: it trains by backward passes, so a NaN-loss
+    guard has something to watch (not SLDA, whose Avalanche strategy also warns about plugins
+    with backward hooks).
     """
 
     name: str
@@ -116,6 +118,7 @@ class Method:
     joint: bool = False
     build_model: ModelBuilder | None = None
     check: Callable[[DictConfig], str | None] | None = None
+    backward: bool = True
 
     def problem(self, cfg: DictConfig) -> str | None:
         return self.check(cfg) if self.check is not None else None
@@ -132,7 +135,6 @@ def moe_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBundl
     from avalanche.training.plugins import ReplayPlugin
 
     from moe_cl.training.plugins import ImportanceRegularizer, SampleSimilarityRegularizer
-    from moe_cl.training.strategies import MoEStrategy
 
     plugins = list(common["plugins"])
     if cfg.regularizer.importance > 0:
@@ -144,7 +146,15 @@ def moe_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBundl
                                                    normalize_max=ls.normalize_max))
     if cfg.replay.mem_size > 0:
         plugins.append(ReplayPlugin(mem_size=cfg.replay.mem_size))
-    return MoEStrategy(**{**common, "plugins": plugins}, batch_augment=bundle.batch_augment,
+    return mixture_strategy(cfg, {**common, "plugins": plugins}, bundle)
+
+
+def mixture_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBundle):
+    """MoEStrategy with the configuration's data path, inference and arithmetic, and the
+    plugins in ``common`` alone (a distilled gate's training adds no regulariser)."""
+    from moe_cl.training.strategies import MoEStrategy
+
+    return MoEStrategy(**common, batch_augment=bundle.batch_augment,
                        fast_data=cfg.train.fast_data, eval_top_k=cfg.eval.top_k,
                        precision=cfg.train.precision, compile_model=cfg.train.compile)
 
@@ -197,16 +207,13 @@ def si_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBundle
 
 
 def slda_strategy(cfg: DictConfig, common: dict[str, Any], bundle: BenchmarkBundle):
-    """No backward pass: the NaN-loss guard has nothing to watch (the gate trunk's training
-    checks its own loss), and Avalanche's SLDA warns about plugins with backward hooks."""
+    """No backward pass (the gate trunk's training checks its own loss)."""
     from moe_cl.training.baselines import BatchedStreamingLDA
-    from moe_cl.training.plugins import NonFiniteLossGuard
 
-    rest = {k: v for k, v in common.items() if k not in ("model", "optimizer", "plugins")}
-    plugins = [p for p in common["plugins"] if not isinstance(p, NonFiniteLossGuard)]
+    rest = {k: v for k, v in common.items() if k not in ("model", "optimizer")}
     return BatchedStreamingLDA(slda_model=common["model"], criterion=_log_likelihood(),
                                feature_optimizer=common["optimizer"],
-                               feature_epochs=cfg.train.epochs, plugins=plugins, **rest)
+                               feature_epochs=cfg.train.epochs, **rest)
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -245,7 +252,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("slda", "Avalanche StreamingLDA, fitted a batch at a time, on frozen features "
            "(slda.features: pixels, the router's random conv, or the gate trunk trained on the "
            "first experience); no sample kept", slda_strategy, build_model=slda_model,
-           check=slda_problem, keys=("slda.",)),
+           check=slda_problem, keys=("slda.",), backward=False),
 )}
 
 

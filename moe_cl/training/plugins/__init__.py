@@ -28,10 +28,11 @@ __all__ = [
 ]
 
 
-def training_plugins(*, reference_train_error: bool) -> list[SupervisedPlugin]:
-    """The plugins every training strategy of a run carries: the NaN-loss guard, and the
-    reference's train error when asked for (it costs a forward per step)."""
-    plugins: list[SupervisedPlugin] = [NonFiniteLossGuard()]
+def training_plugins(*, guard_losses: bool, reference_train_error: bool) -> list[SupervisedPlugin]:
+    """The plugins a run's training strategy carries: the NaN-loss guard where there is a loss
+    to guard (not under torchrun, where DataParallel checks every rank's loss together), and
+    the reference's train error when asked for (it costs a forward per step)."""
+    plugins: list[SupervisedPlugin] = [NonFiniteLossGuard()] if guard_losses else []
     if reference_train_error:
         plugins.append(ReferenceTrainError())
     return plugins
