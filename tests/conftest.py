@@ -1,10 +1,16 @@
 """Fixtures of more than one test file."""
 
+import os
 import shutil
 
 import pytest
 
+from moe_cl.data.readers import OFFLINE_ENV
 from tests.suite_helpers import compare_tiny
+
+# Tests never reach the network: data sets download on first use by default, so every test
+# process (and the commands they start, which inherit it) is marked offline.
+os.environ[OFFLINE_ENV] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -99,11 +99,17 @@ def test_mnist_is_read_normalised_in_file_order(tmp_path: Path) -> None:
 def test_fmnist_from_debian_gz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     debian = write_mnist_like_gz(tmp_path / "debian", n_train=100, n_test=50, seed=5)
     root = tmp_path / "data"
-    data = load("fmnist", root, _debian(debian))
+    previous = os.umask(0o022)
+    try:
+        data = load("fmnist", root, _debian(debian))
+    finally:
+        os.umask(previous)
     raw = root / "FashionMNIST" / "raw"
     assert sorted(os.listdir(raw)) == sorted(IDX_FILES)  # no leftover temporary files
     for name in IDX_FILES:
         assert (raw / name).read_bytes() == gzip.decompress((debian / f"{name}.gz").read_bytes())
+        # readable by the other users of a shared data.root, as any file made under umask 022
+        assert (raw / name).stat().st_mode & 0o777 == 0o644, name
     images, labels = mnist_like_arrays(100, seed=5)
     assert torch.equal(data.train_y, torch.from_numpy(labels.astype(np.int64)))
     torch.testing.assert_close(data.train_x, _norm(images[:, None], (0.2859,), (0.3530,)))
@@ -179,21 +185,54 @@ def test_tiny_is_seeded_and_sized_by_the_options() -> None:
 @pytest.mark.parametrize(
     ("name", "folder", "files", "hint"),
     [
-        ("mnist", "MNIST/raw", IDX_FILES, "download=true"),
+        ("mnist", "MNIST/raw", IDX_FILES, "copy the four files there"),
         ("fmnist", "FashionMNIST/raw", IDX_FILES, "apt-get install -y dataset-fashion-mnist"),
-        ("cifar100", "cifar-100-python", ["train", "test", "meta"], "download=true"),
+        ("cifar100", "cifar-100-python", ["train", "test", "meta"], "copy"),
     ],
 )
 def test_missing_data_message_and_no_folder(
     tmp_path: Path, name: str, folder: str, files: list[str], hint: str
 ) -> None:
+    """Downloads are on by default; offline (the tests are: conftest sets MOE_CL_OFFLINE) the
+    one line names the folder, the files and how to get them; with downloads off, the setting
+    that allows them."""
     root = tmp_path / "nowhere"
     with pytest.raises(DataError) as err:
         load(name, root)
     msg = str(err.value)
-    assert str(root / folder) in msg and hint in msg
+    assert str(root / folder) in msg and hint in msg and "MOE_CL_OFFLINE is set" in msg
     assert all(f in msg for f in files)
     assert not root.exists()
+    with pytest.raises(DataError, match="data.download=true"):
+        load(name, root, DataOptions(download=False))
+    assert not root.exists()
+
+
+def test_an_unanswering_source_is_offline_within_the_probe_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the offline switch the data set's source is asked first, with a short timeout;
+    no answer is the same one line, and no download starts."""
+    import socket
+
+    from moe_cl.data import readers
+
+    asked = []
+
+    def no_answer(address, timeout=None):
+        asked.append((address, timeout))
+        raise OSError("network unreachable")
+
+    def no_download(*args):
+        raise AssertionError("downloaded although the source did not answer")
+
+    monkeypatch.delenv(readers.OFFLINE_ENV)
+    monkeypatch.setattr(socket, "create_connection", no_answer)
+    monkeypatch.setattr(readers, "_download", no_download)
+    with pytest.raises(DataError, match="did not answer within 2 s") as err:
+        load("cifar100", tmp_path)
+    assert "cifar-100-python" in str(err.value)
+    assert len(asked) == 1 and asked[0][1] == readers.PROBE_TIMEOUT_S
 
 
 def test_download_failure_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,7 +241,10 @@ def test_download_failure_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def offline(*args: object, **kwargs: object) -> None:
         raise URLError("no network in tests")
 
-    monkeypatch.setattr(tvu, "download_url", offline)
+    from moe_cl.data import readers
+
+    monkeypatch.setattr(readers, "_offline", lambda spec: None)  # the source answers...
+    monkeypatch.setattr(tvu, "download_url", offline)  # ...but the download fails
     for name in ("mnist", "fmnist", "cifar100"):
         root = tmp_path / "a" / "b"
         with pytest.raises(DataError, match="download"):
@@ -291,3 +333,24 @@ class _Evil:
 
     def __reduce__(self) -> tuple[object, tuple[str, str]]:
         return (Path.write_text, (Path(self.path), "x"))  # type: ignore[return-value]
+
+
+def test_the_command_names_missing_data_before_importing_avalanche(tmp_path: Path) -> None:
+    """python -m moe_cl.run on a stream whose files are missing and cannot be downloaded: one
+    line naming the files, exit 2, before Avalanche (seconds of imports) is loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moe_cl.run.cli import main; "
+            f"code = main(['benchmark=split_mnist', 'data.root={tmp_path / 'empty'}', "
+            f"'out_dir={tmp_path / 'run'}']); "
+            "print('avalanche loaded' if 'avalanche' in sys.modules else 'avalanche not loaded');"
+            " sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.strip() == "avalanche not loaded"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train-images-idx3-ubyte" in lines[0]
+    assert "no download from here" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,7 @@ from moe_cl.data.readers import (
     check_data_root,
     fetch_archive,
     fetch_with_torchvision,
+    files_at_hand,
     generate_tiny,
     read_cifar100,
     read_idx,
@@ -63,6 +64,19 @@ def load(name: str, root: str | Path, options: DataOptions | None = None) -> Loa
         return spec.read(spec, root, options)
     except OSError as exc:  # a last resort: the readers name their own failures
         raise DataError(f"cannot read the data under {root}: {exc}") from exc
+
+
+def prepare_files(benchmark: str, root: str | Path, options: DataOptions) -> None:
+    """Make sure the files of ``benchmark``'s data set are under ``root``: there already,
+    unpacked from a Debian package, or downloaded (``options.download``, when the source
+    answers); a DataError naming the files to copy otherwise. Cheap where they are there: the
+    command line calls it before the heavy imports, so an offline machine learns in seconds."""
+    spec = dataset_of(benchmark)
+    if spec.folder is None:
+        return
+    root = Path(root).expanduser()
+    check_data_root(root)
+    files_at_hand(spec, root, options)
 
 
 def dataset_of(benchmark: str) -> DatasetSpec:

@@ -14,11 +14,13 @@ import math
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -49,6 +51,10 @@ IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 _DOWNLOAD_HINT = "data.download=true (download=True in Python) on a machine with network access"
+# Set to 1 where nothing may be downloaded (a compute node, the tests): data sets then come only
+# from the data root or a Debian package, and a missing one is named at once.
+OFFLINE_ENV = "MOE_CL_OFFLINE"
+PROBE_TIMEOUT_S = 2.0  # how long the data set's source may take to answer before we call it offline
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +94,7 @@ def _remove_if_empty(dirs: Sequence[Path]) -> None:
             pass
 
 
-def _files_at_hand(spec: DatasetSpec, root: Path, options: DataOptions) -> Path:
+def files_at_hand(spec: DatasetSpec, root: Path, options: DataOptions) -> Path:
     """The folder holding the data set's files, which are unpacked from its Debian package or
     downloaded (when allowed) if missing; a DataError says what to put where otherwise."""
     folder = spec.files_dir(root)
@@ -97,21 +103,51 @@ def _files_at_hand(spec: DatasetSpec, root: Path, options: DataOptions) -> Path:
     if missing and debian is not None and all((debian / f"{n}.gz").is_file() for n in missing):
         _unpack_debian(spec, debian, folder, missing)
         missing = []
+    offline = None
     if missing and options.download:
-        _download(spec, root)
-        missing = _missing(folder, spec.files)
+        offline = _offline(spec)
+        if offline is None:
+            _download(spec, root)
+            missing = _missing(folder, spec.files)
     if missing:
-        raise DataError(_missing_message(spec, folder, missing, debian))
+        raise DataError(_missing_message(spec, folder, missing, debian, offline))
     return folder
 
 
+def _offline(spec: DatasetSpec) -> str | None:
+    """Why the data set cannot be downloaded from here (one phrase), or None if its source
+    answers within PROBE_TIMEOUT_S: an offline machine learns it in seconds, not after
+    torchvision's retries."""
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        return f"{OFFLINE_ENV} is set"
+    source = urlsplit(_source_url(spec))
+    port = source.port or (443 if source.scheme == "https" else 80)
+    try:
+        socket.create_connection((source.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError:
+        return f"{source.hostname} did not answer within {PROBE_TIMEOUT_S:g} s"
+    return None
+
+
+def _source_url(spec: DatasetSpec) -> str:
+    cls = _torchvision_class(spec)
+    return getattr(cls, "url", None) or cls.mirrors[0]
+
+
 def _missing_message(
-    spec: DatasetSpec, folder: Path, missing: Sequence[str], debian: Path | None
+    spec: DatasetSpec, folder: Path, missing: Sequence[str], debian: Path | None,
+    offline: str | None = None,
 ) -> str:
     msg = (
         f"{spec.title} data not found: expected the {spec.file_kind} {', '.join(spec.files)} "
-        f"in {folder} (missing: {', '.join(missing)}). "
+        f"in {folder} (missing: {', '.join(missing)})"
     )
+    if offline is not None:
+        msg += f"; no download from here ({offline}): {spec.copy_instruction}"
+        if spec.debian is not None:
+            msg += f", or on Debian/Ubuntu run `apt-get install -y {spec.debian.name}`"
+        return msg + "."
+    msg += ". "
     if spec.debian is not None:
         msg += (
             f"On Debian/Ubuntu run `apt-get install -y {spec.debian.name}`: moe-cl then "
@@ -145,11 +181,19 @@ def _unpack_debian(spec: DatasetSpec, debian: Path, folder: Path, names: Sequenc
         try:
             with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
                 shutil.copyfileobj(inp, out, length=1 << 20)
+            os.chmod(tmp, _readable_mode())  # mkstemp's 0600 would hide a shared data.root
             os.replace(tmp, folder / name)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             Path(tmp).unlink(missing_ok=True)
             _remove_if_empty(created)
             raise DataError(f"could not decompress {src} into {folder}: {exc}") from exc
+
+
+def _readable_mode() -> int:
+    """What a plain file created now gets: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _download(spec: DatasetSpec, root: Path) -> None:
@@ -249,7 +293,7 @@ def _check_idx_file(
 
 def read_idx(spec: DatasetSpec, root: Path, options: DataOptions) -> LoadedDataset:
     """MNIST-format train/test sets: every file checked, then read with torchvision."""
-    raw = _files_at_hand(spec, root, options)
+    raw = files_at_hand(spec, root, options)
     debian = spec.debian.folder_in_use(options.debian_fmnist_dir) if spec.debian else None
     hint = _replace_hint(spec, debian)
     counts = {}
@@ -327,7 +371,7 @@ def _names(value: Any) -> list[str]:
 
 
 def read_cifar100(spec: DatasetSpec, root: Path, options: DataOptions) -> LoadedDataset:
-    folder = _files_at_hand(spec, root, options)
+    folder = files_at_hand(spec, root, options)
     meta = _read_pickle(folder / "meta")
     try:
         fine_names = _names(meta["fine_label_names"])

@@ -30,7 +30,7 @@ class DataError(Exception):
 class DataOptions:
     """What a reader may need besides the data root."""
 
-    download: bool = False
+    download: bool = True  # on first use, as torchvision and Avalanche do
     seed: int = 0
     synthetic_classes: int = 10  # class count of a generated data set; files fix their own
     samples_per_class: int = 64  # generated data sets: train samples per class

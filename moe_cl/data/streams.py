@@ -164,7 +164,7 @@ def make_benchmark(
     scenario: str = "class",
     seed: int = 0,
     data_root: str | Path = "data",
-    download: bool = False,
+    download: bool = True,
     fixed_class_order: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> BenchmarkBundle:

@@ -277,6 +277,7 @@ def _command(argv: list[str], where: _Where) -> int:
             problem = _device_problem(cfg)
             if problem:
                 raise ConfigError(problem)
+            _prepare_data(cfg)
             if ranks is not None:
                 from moe_cl.run import torchrun
 
@@ -327,6 +328,14 @@ def _after_rank_0(code: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
     time.sleep(FOLLOWER_LINGER_S)
     return code
+
+
+def _prepare_data(cfg: DictConfig) -> None:
+    """The stream's files in data.root (unpacked or downloaded if missing and allowed) before
+    Avalanche is imported: missing data on an offline machine is named in seconds."""
+    from moe_cl.data.datasets import DataOptions, prepare_files
+
+    prepare_files(cfg.data.stream, cfg.data.root, DataOptions(download=cfg.data.download))
 
 
 def _device_problem(cfg: DictConfig) -> str | None:

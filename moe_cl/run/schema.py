@@ -30,7 +30,7 @@ class DataConfig:
     # paper_mnist | paper_fmnist | paper_cifar100 | tiny
     stream: str = "split_fmnist"
     root: str = "data"
-    download: bool = False
+    download: bool = True  # on first use, as torchvision and Avalanche do (MOE_CL_OFFLINE=1: never)
     n_experiences: int = 5
     max_train_samples: int | None = None
     max_test_samples: int | None = None
