@@ -48,6 +48,8 @@ FEATURES, CLASSES = 6, 4
 ARCH = mlp_architecture((FEATURES,), CLASSES, width=16, hidden=8)
 MODEL_KINDS = ("mixture", "routed")
 
+CPU = torch.device("cpu")
+
 
 def build_model(kind: str):
     """A growing mixture (an expert added per experience) or a routed one, both tiny."""
@@ -402,7 +404,7 @@ def test_resume_from_a_checkpoint_gives_identical_metrics(kind, fast, tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"model": {"state_dict": model.state_dict()},
                            "optimizer": optimizer_state(strategy.optimizer, model),
-                           "plugins": plugin_states(strategy.plugins), "rng": rng_state(),
+                           "plugins": plugin_states(strategy.plugins), "rng": rng_state(CPU),
                            "progress": {"experiences_done": 1}})
     strategy.train(bm.train_stream[1])
     uninterrupted = _accuracy_and_loss(strategy.eval(bm.test_stream))
@@ -415,7 +417,7 @@ def test_resume_from_a_checkpoint_gives_identical_metrics(kind, fast, tmp_path):
     resumed.optimized_param_id = restore_optimizer(resumed.optimizer, resumed_model,
                                                    state["optimizer"])
     load_plugin_states(resumed.plugins, state["plugins"], resumed_model)
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], CPU)
     resumed.train(bm.train_stream[1])
     assert _accuracy_and_loss(resumed.eval(bm.test_stream)) == uninterrupted
 

@@ -25,6 +25,8 @@ from moe_cl.training.checkpoint import (
 from moe_cl.training.models import SingleExpertModel
 from tests.helpers import grown_task_mixture, quiet_evaluator, tiny
 
+CPU = torch.device("cpu")
+
 
 def test_checkpoints_of_the_earlier_format_still_load():
     """Checkpoints written before the structure moved into the state_dict's extra state."""
@@ -42,9 +44,9 @@ def test_checkpoints_of_the_earlier_format_still_load():
 
 
 def test_rng_states_round_trip():
-    state = rng_state()
+    state = rng_state(CPU)
     first = (torch.rand(3), np.random.rand(3), random.random())
-    set_rng_state(state)
+    set_rng_state(state, CPU)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all()
     assert first[2] == again[2]
@@ -62,7 +64,7 @@ def test_plugin_and_optimizer_states_survive_a_checkpoint_file(tmp_path):
         strategy.train(exp)
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"plugins": plugin_states(plugins), "model": model_state(model),
-                           "optimizer": optimizer_state(optimizer, model), "rng": rng_state(),
+                           "optimizer": optimizer_state(optimizer, model), "rng": rng_state(CPU),
                            "progress": {}})
     state = load_checkpoint(path)
     fresh = SingleExpertModel(architecture=arch)
@@ -98,7 +100,7 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path):
         load_checkpoint(path)
     for part in ("model", "optimizer", "plugins", "rng", "progress"):  # the right tag only
         whole = {"model": {"state_dict": {}}, "optimizer": {"state_dict": {}, "param_names": []},
-                 "plugins": {}, "rng": rng_state(), "progress": {}}
+                 "plugins": {}, "rng": rng_state(CPU), "progress": {}}
         torch.save({"format": 1, **whole, part: []}, path)
         with pytest.raises(CheckpointError, match=f"not a whole moe-cl checkpoint .{part} is"):
             load_checkpoint(path)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -21,6 +22,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_cl.core.layouts import LAYOUTS
+
+
+@contextmanager
+def cuda_tf32(enabled: bool) -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions of float32 tensors in TF32 (or not) inside the
+    block, torch's settings as they were after it."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+@contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """IEEE float32 on ``device`` inside the block, whatever the caller's autocast (bf16) or
+    TF32 setting: the router's class scores reach thousands of nats and differ by a few, and
+    its statistics are built in float32, so features and scores must be float32 too."""
+    with torch.autocast(device.type, enabled=False), cuda_tf32(False):
+        yield
 
 
 class PixelFeatures(nn.Module):
@@ -65,9 +88,10 @@ class RandomConvFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The layouts of the experts' bank: a one-channel input's maps channels-last on the
         # CPU, 2.3x faster here for 96 channels (docs/performance.md); the same features.
-        maps = F.conv2d(self.layouts.conv_input(x, self.channels), self.weight)
-        pooled = self.layouts.max_pool(maps, partial(F.max_pool2d, kernel_size=self.pool))
-        return F.relu(pooled).flatten(1)
+        with exact_float32(x.device):
+            maps = F.conv2d(self.layouts.conv_input(x.float(), self.channels), self.weight)
+            pooled = self.layouts.max_pool(maps, partial(F.max_pool2d, kernel_size=self.pool))
+            return F.relu(pooled).flatten(1)
 
     def get_extra_state(self) -> dict:
         return {"in_channels": self.in_channels, "channels": self.channels,
@@ -82,10 +106,12 @@ class RandomConvFeatures(nn.Module):
 
 def trunk_features(network: nn.Sequential, x: Tensor) -> Tensor:
     """A gate network's layers up to its first Flatten, flattened: the ``gate_trunk`` feature
-    space, a fixed map once the network is frozen."""
-    for layer in itertools.takewhile(lambda m: not isinstance(m, nn.Flatten), network):
-        x = layer(x)
-    return x.flatten(1)
+    space, a fixed map once the network is frozen (in float32, :func:`exact_float32`)."""
+    with exact_float32(x.device):
+        x = x.float()
+        for layer in itertools.takewhile(lambda m: not isinstance(m, nn.Flatten), network):
+            x = layer(x)
+        return x.flatten(1)
 
 
 class ClassStatistics(nn.Module):
@@ -174,12 +200,14 @@ class ClassStatistics(nn.Module):
         self._stale = False
 
     def log_likelihoods(self, features: Tensor) -> Tensor:
-        """[B, K] class scores (float32, on the statistics' device); -inf for unseen classes."""
+        """[B, K] class scores (float32, on the statistics' device, :func:`exact_float32`);
+        -inf for unseen classes."""
         self._check_features(features)
         if self._stale:
             self._solve()
         x = features.to(self.weights.device, self.weights.dtype)
-        return torch.addmm(self.bias, x, self.weights)
+        with exact_float32(x.device):
+            return torch.addmm(self.bias, x, self.weights)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)

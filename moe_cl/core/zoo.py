@@ -18,7 +18,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+import torch.distributed as dist
 from torch import nn
 
 from moe_cl.core.bank import (
@@ -37,6 +39,8 @@ from moe_cl.core.choices import GATES, GateKind
 from moe_cl.core.gates import AttentiveGate, SoftmaxGate
 from moe_cl.core.layouts import LayoutConv2d, LayoutMaxPool2d
 from moe_cl.core.mixture import MixtureOfExpertsCore, OutputMode
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ def distilled_mixture(
     """
     if not isinstance(teacher.gate, AttentiveGate):
         raise ValueError("distilled_mixture needs a teacher with an attentive gate")
-    bank = copy.deepcopy(teacher.bank)
+    bank = copy_module(teacher.bank)
     bank.freeze_existing()
     gate = build_gate(arch, "softmax", bank.num_experts)
     missing = gate.network.load_state_dict(teacher.gate.network.state_dict(), strict=False)
@@ -246,3 +250,16 @@ def distilled_mixture(
         raise ValueError(f"gate networks do not match: {missing.unexpected_keys}")
     device = next(teacher.parameters()).device
     return MixtureOfExpertsCore(bank, gate.to(device), output=teacher.output)
+
+
+def copy_module(module: M) -> M:
+    """A deep copy of ``module`` that shares its process groups: torchrun's SyncBatchNorm
+    layers hold one, which cannot be copied (``cannot pickle 'ProcessGroup'``), and the copy
+    must talk to the same ranks anyway."""
+    memo: dict[int, object] = {}
+    if dist.is_available():
+        for child in module.modules():
+            for value in vars(child).values():
+                if isinstance(value, dist.ProcessGroup):
+                    memo[id(value)] = value
+    return copy.deepcopy(module, memo)

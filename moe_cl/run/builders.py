@@ -21,6 +21,7 @@ from moe_cl.data.streams import BenchmarkBundle, make_benchmark
 from moe_cl.training.evaluation import MetricsCSVLogger, RoutingMetrics, TaskAwareAccuracy
 from moe_cl.training.methods import METHODS
 from moe_cl.training.plugins import training_plugins
+from moe_cl.training.precision import cuda_device_problem
 
 if TYPE_CHECKING:
     from moe_cl.training.ranks import Ranks
@@ -35,9 +36,9 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but no CUDA device is available "
-                         "(use device=auto or cpu)")
+    problem = cuda_device_problem(name)
+    if problem:
+        raise ValueError(problem)
     return torch.device(name)
 
 

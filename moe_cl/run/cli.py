@@ -52,7 +52,7 @@ from moe_cl.storage.run_folder import (
     holds_only_run_files,
 )
 from moe_cl.training.methods import METHODS
-from moe_cl.training.precision import precision_problem
+from moe_cl.training.precision import cuda_device_problem, precision_problem
 
 # The keys --help shows: with their choices (config.CHOICES), a placeholder, or their default.
 MAIN_KEYS = (
@@ -339,10 +339,12 @@ def _prepare_data(cfg: DictConfig) -> None:
 
 
 def _device_problem(cfg: DictConfig) -> str | None:
-    """What the run's device cannot do of its settings (train.precision), found before data or
-    Avalanche load; torch is imported only to ask about a precision other than fp32."""
-    if cfg.train.precision == "fp32":
-        return None
+    """What the run's device cannot do of its settings (a GPU it lacks, train.precision),
+    found before data or Avalanche load; torch is imported only to ask about a GPU or a
+    precision other than fp32."""
+    problem = cuda_device_problem(cfg.device)
+    if problem or cfg.train.precision == "fp32":
+        return problem
     import torch
 
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())

@@ -149,7 +149,7 @@ class Run:
             "model": model_state(self.model),
             "optimizer": optimizer_state(self.optimizer, self.model),
             "plugins": plugin_states(self.strategy.plugins),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "progress": dict(self.progress.__dict__),
             "settings": training_settings(self.cfg),  # config.yaml is checked against them
         })
@@ -239,7 +239,7 @@ def _use_teacher(run: Run, echo) -> None:
         load_model_state(run.model, teacher["model"])
     run.model.to(run.device)
     echo(f"distilling the trained model of {run.cfg.distill.teacher}")
-    set_rng_state(teacher["rng"])
+    set_rng_state(teacher["rng"], run.device)
 
 
 def _restore(run: Run, state: dict, echo) -> None:
@@ -249,7 +249,7 @@ def _restore(run: Run, state: dict, echo) -> None:
     run.strategy.optimized_param_id = restore_optimizer(run.optimizer, run.model,
                                                         state["optimizer"])
     load_plugin_states(run.strategy.plugins, state["plugins"], run.model)
-    set_rng_state(state["rng"])  # last: nothing may draw random numbers after this
+    set_rng_state(state["rng"], run.device)  # last: nothing may draw random numbers after this
     echo(f"resuming at experience {run.progress.completed}, epoch {run.progress.epochs_done}, "
          f"from {run.out / CHECKPOINT}")
 

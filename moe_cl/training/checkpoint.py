@@ -11,7 +11,6 @@ so the model's state_dict holds them.
 
 from __future__ import annotations
 
-import copy
 import pickle
 import random
 import warnings
@@ -31,6 +30,7 @@ from avalanche.training.plugins import (
 from avalanche.training.storage_policy import ReservoirSamplingBuffer
 from avalanche.training.utils import ParamData
 
+from moe_cl.core.zoo import copy_module
 from moe_cl.data.tensors import dataset_tensors
 from moe_cl.errors import USAGE_ERROR
 from moe_cl.storage.run_folder import atomic_write
@@ -48,23 +48,25 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------- RNG
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Every random stream a run draws from: CPU, numpy, Python and, on a GPU, that GPU's (only
+    the run's device: asking every GPU would start CUDA on each, or at all on a CPU run)."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": _python_state_to_plain(random.getstate()),
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """The streams of :func:`rng_state`, the GPU's onto ``device`` (the run's, which may have
+    another index than where it was saved: a resume on another machine or rank). Checkpoints
+    written before held every visible GPU's state; the first is the one runs drew from."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        # Saved where more GPUs were visible (a torchrun rank sees every GPU of its node): those
-        # this process sees. Training draws from GPU 0's state (rank 0's, under torchrun).
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
@@ -114,6 +116,9 @@ def plugin_states(plugins: list) -> dict:
 
 
 def load_plugin_states(plugins: list, states: dict, model: torch.nn.Module) -> None:
+    """Restore :func:`plugin_states` into ``plugins``; tensors the plugins compare with the
+    model's parameters (EWC, SI) go onto the parameters' device."""
+    device = next(model.parameters()).device
     for plugin in plugins:
         if isinstance(plugin, ReplayPlugin) and "replay" in states:
             policy = plugin.storage_policy
@@ -127,21 +132,21 @@ def load_plugin_states(plugins: list, states: dict, model: torch.nn.Module) -> N
                 buffer._buffer_weights = group["weights"]
                 policy.buffer_groups[key] = buffer
         elif isinstance(plugin, EWCPlugin) and "ewc" in states:
-            plugin.saved_params = _param_data(states["ewc"]["saved_params"])
-            plugin.importances = _param_data(states["ewc"]["importances"])
+            plugin.saved_params = _param_data(states["ewc"]["saved_params"], device)
+            plugin.importances = _param_data(states["ewc"]["importances"], device)
         elif isinstance(plugin, LwFPlugin) and "lwf" in states:
             lwf = plugin.lwf
             lwf.expcount = states["lwf"]["expcount"]
             if states["lwf"]["prev_model"] is not None:
-                lwf.prev_model = copy.deepcopy(model)
+                lwf.prev_model = copy_module(model)
                 lwf.prev_model.load_state_dict(states["lwf"]["prev_model"])
             lwf.prev_classes_by_task = defaultdict(
                 set, {t: set(cs) for t, cs in states["lwf"]["prev_classes"].items()}
             )
         elif isinstance(plugin, SynapticIntelligencePlugin) and "si" in states:
             si = states["si"]
-            plugin.ewc_data = tuple(_params(data) for data in si["ewc_data"])
-            plugin.syn_data = {key: _params(data) for key, data in si["syn_data"].items()}
+            plugin.ewc_data = tuple(_params(data, device) for data in si["ewc_data"])
+            plugin.syn_data = {key: _params(data, device) for key, data in si["syn_data"].items()}
             if hasattr(plugin, "in_experience"):
                 plugin.in_experience = si["in_experience"]
 
@@ -156,10 +161,10 @@ def _param_dicts(data: dict) -> dict:
     return {int(t): _tensors(params) for t, params in data.items()}
 
 
-def _param_data(data: dict) -> defaultdict:
+def _param_data(data: dict, device: torch.device) -> defaultdict:
     out: defaultdict = defaultdict(dict)
     for t, params in data.items():
-        out[t] = _params(params)
+        out[t] = _params(params, device)
     return out
 
 
@@ -167,8 +172,9 @@ def _tensors(params: dict[str, ParamData]) -> dict[str, torch.Tensor]:
     return {name: p.data.cpu() for name, p in params.items()}
 
 
-def _params(tensors: dict[str, torch.Tensor]) -> dict[str, ParamData]:
-    return {name: ParamData(name, init_tensor=tensor) for name, tensor in tensors.items()}
+def _params(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, ParamData]:
+    return {name: ParamData(name, init_tensor=tensor.to(device))
+            for name, tensor in tensors.items()}
 
 
 # ----------------------------------------------------------------------------- files

@@ -13,7 +13,6 @@ regulariser plugins and routing metrics.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -26,6 +25,7 @@ from moe_cl.core.mixture import MixtureOfExpertsCore, MoEOutput, masked_log_soft
 from moe_cl.core.zoo import (
     Architecture,
     build_single_model,
+    copy_module,
     distilled_mixture,
     resolve_architecture,
 )
@@ -332,7 +332,7 @@ class MixtureOfExperts(ClassMaskedModel):
         experts' hidden vectors (experts frozen, gate network initialised from the attentive
         one), ready to train that gate on the experiences this model was trained on: they
         count as trained, and its policy is ``fixed``, so adaptation adds no expert."""
-        student = copy.deepcopy(self)
+        student = copy_module(self)
         student.core = distilled_mixture(student.core, student.architecture)
         student.policy = ExpertPolicy("fixed")
         return student

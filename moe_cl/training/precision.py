@@ -54,3 +54,20 @@ def precision_problem(precision: str, device_type: str) -> str | None:
         return (f"train.precision=bf16: this CPU has no native bfloat16 (none of "
                 f"{', '.join(sorted(NATIVE_BF16_FLAGS))} in {CPUINFO}); use fp32")
     return None
+
+
+def cuda_device_problem(setting: str) -> str | None:
+    """What is wrong with ``device=cuda[:N]`` on this machine (one line), or None: no CUDA, or
+    an index past the GPUs it has. Imports torch; other settings need nothing."""
+    if not setting.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"device={setting} but no CUDA device is available (use device=auto or cpu)"
+    index = int(setting.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        gpus = ", ".join(f"cuda:{i}" for i in range(count))
+        return f"device={setting} but this machine has {count} GPU(s): {gpus}"
+    return None

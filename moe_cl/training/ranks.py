@@ -229,8 +229,14 @@ class Ranks:
         return code
 
     def done(self) -> None:
-        """This rank has finished its run: failures posted from now on are not its concern."""
+        """This rank has finished its run (every rank past the last barrier): failures posted
+        from now on are not its concern, and the process group ends cleanly, NCCL's
+        communicators freed before the process ends. After a failure it is left to the
+        process's end: a collective of the failed step may still be pending."""
         self._stopping = True
+        self.group = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def _watch_for_failures(self) -> None:
         """Start the watcher thread. A SIGTERM (torchrun stops the other ranks once one has

@@ -22,7 +22,6 @@ No training sample is kept: the router holds counts, means and one scatter matri
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from moe_cl.core.experience_routing import ExperienceRoutes, mix_by_experience
 from moe_cl.core.gates import SoftmaxGate
 from moe_cl.core.mixture import MoEOutput
 from moe_cl.core.router import ClassStatistics, trunk_features
+from moe_cl.core.zoo import copy_module
 from moe_cl.data.tensors import dataset_tensors
 from moe_cl.training.models import (
     MixtureOfExperts,
@@ -209,7 +209,7 @@ class RoutedMixture(MixtureOfExperts):
         copy of it, whose hidden features the distillation term keeps it close to."""
         self.reused_group = group
         target = self.core.bank.groups[group]
-        self.reuse_teacher = copy.deepcopy(target)
+        self.reuse_teacher = copy_module(target)
         self.reuse_teacher.requires_grad_(False)
         target.requires_grad_(True)
 

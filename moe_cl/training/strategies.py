@@ -10,8 +10,8 @@ rank trains on its shard of every batch (:mod:`moe_cl.training.ranks`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from moe_cl.core.gates import AttentiveGate
 from moe_cl.core.losses import stochastic_nll
+from moe_cl.core.router import cuda_tf32
 from moe_cl.data.tensors import Batch, TensorBatches, dataset_tensors, has_transforms
 from moe_cl.training.models import MixtureOfExperts, routing_output
 from moe_cl.training.plugins import DataParallel, NonFiniteLossGuard
@@ -233,19 +234,6 @@ class MoEStrategy(SupervisedTemplate):
             entry = (source, tuple(t.to(self.device) for t in tensors))
             self._eval_cache[id(source)] = entry
         return entry[1]
-
-
-@contextmanager
-def cuda_tf32(enabled: bool) -> Iterator[None]:
-    """CUDA matmuls and cuDNN convolutions of float32 tensors in TF32 (or not) inside the
-    block, torch's settings as they were after it."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    before = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 def _with_router_update(model: MixtureOfExperts, plugins: Sequence[BasePlugin]) -> list:

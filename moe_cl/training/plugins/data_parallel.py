@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,26 +57,27 @@ class DataParallel(SupervisedPlugin, supports_distributed=True):
 
     def after_backward(self, strategy, **kwargs) -> None:
         """One all-reduce carries every trainable parameter's gradient (zeros where a rank
-        has none), which ranks had one, and the ranks' non-finite losses."""
+        has none), which ranks had one, and the ranks' non-finite losses; all of it is built
+        on the device and read back in one transfer per step."""
         ranks = self.ranks
         params = [p for p in strategy.model.parameters() if p.requires_grad]
         device = strategy.loss.device
-        loss = float(strategy.loss.detach())
+        loss = strategy.loss.detach().reshape(())
         losses = torch.zeros(ranks.world_size, device=device)
-        if not math.isfinite(loss):
-            losses[ranks.rank] = loss
+        losses[ranks.rank] = torch.where(torch.isfinite(loss), 0.0, loss)  # 0: finite
         used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
                             device=device)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         ranks.sum_([*grads, used, losses])
-        bad = [(r, v) for r, v in enumerate(losses.tolist()) if v != 0]
+        flags = torch.cat([losses, used]).tolist()  # the step's one read from the device
+        bad = [(r, v) for r, v in enumerate(flags[:ranks.world_size]) if v != 0]
         if bad:
             error = NonFiniteLossError(
                 f"loss is {bad[0][1]} on rank {bad[0][0]} of {ranks.world_size} at "
                 f"{training_position(strategy)}")
             error.every_rank = True
             raise error
-        for param, grad, had in zip(params, grads, used.tolist(), strict=True):
+        for param, grad, had in zip(params, grads, flags[ranks.world_size:], strict=True):
             param.grad = grad if had else None
 
     def after_training_epoch(self, strategy, **kwargs) -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
+import torch
 from avalanche.core import SupervisedPlugin
 
 from moe_cl.errors import NonFiniteLossError
@@ -11,12 +10,16 @@ from moe_cl.errors import NonFiniteLossError
 
 class NonFiniteLossGuard(SupervisedPlugin):
     """Stops training on a NaN or infinite loss, naming the experience and iteration, before
-    the bad gradient reaches the weights."""
+    the bad gradient reaches the weights.
 
-    def before_backward(self, strategy, **kwargs) -> None:
-        value = float(strategy.loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss is {value} at {training_position(strategy)}")
+    It looks just before the optimiser's step, at the whole loss (the terms plugins add before
+    the backward pass too): finiteness is tested on the device and read once per step, after
+    the backward pass is queued, so the GPU is not left idle while the host launches it."""
+
+    def before_update(self, strategy, **kwargs) -> None:
+        loss = strategy.loss.detach()
+        if not torch.isfinite(loss).all().item():
+            raise NonFiniteLossError(f"loss is {float(loss)} at {training_position(strategy)}")
 
 
 def training_position(strategy) -> str:
