@@ -10,13 +10,20 @@ from moe_cl.core import choices, zoo
 from moe_cl.data.streams import BENCHMARK_NAMES
 from moe_cl.run import config
 from moe_cl.training.methods import METHODS
-from moe_cl.training.options import EXPERT_INITS, POLICIES, SCENARIOS, ExpertPolicy
+from moe_cl.training.options import (
+    EXPERT_INITS,
+    EXPERTS_VOTES,
+    POLICIES,
+    SCENARIOS,
+    ExpertPolicy,
+)
 
 
 def test_choices_come_from_their_owners():
     owners = {"data.stream": BENCHMARK_NAMES, "scenario": SCENARIOS, "model.gate": choices.GATES,
               "model.output": choices.OUTPUTS, "experts.policy": POLICIES,
-              "experts.init": EXPERT_INITS, "regularizer.ls.scaling": choices.SCALINGS}
+              "experts.init": EXPERT_INITS, "regularizer.ls.scaling": choices.SCALINGS,
+              "router.experts_vote": EXPERTS_VOTES}
     for key, owned in owners.items():
         assert config.CHOICES[key] is owned, key
     assert list(config.CHOICES["method"]) == list(METHODS)

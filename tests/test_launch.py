@@ -3,12 +3,14 @@ out), --shard, --launcher slurm (submitit's local executor), their bad input, an
 distilled run keeps after its teacher."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -193,6 +195,7 @@ def test_a_run_in_use_by_another_process_stops_the_suite(suite_out, capsys):
     assert (run / LOCK).exists()  # the holder's: left alone
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # an empty array was submitted on each poll
 def test_slurm_array_through_submitits_local_executor(finished_suite, tmp_path, capsys,
                                                       monkeypatch):
     slurm = pytest.importorskip("moe_cl.suite.slurm")  # submitit is the dev extra's
@@ -213,3 +216,37 @@ def test_slurm_needs_sbatch(tmp_path, capsys, monkeypatch):
                         "10") == 2
     assert "sbatch not found" in one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_array_slurm_refuses_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    slurm = pytest.importorskip("moe_cl.suite.slurm")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    sbatch = bin_ / "sbatch"  # what Debian's SLURM 22.05 says to a wrong partition
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nosuch' >&2\n"
+                      "echo 'sbatch: error: Batch job submission failed: Invalid partition name "
+                      "specified' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    assert compare_tiny(out, "--only", "naive", "ewc", "--launcher", "slurm", "--slurm-time",
+                        "10", "--slurm-partition", "nosuch") == 2
+    line = one_error_line(capsys)
+    assert "SLURM refused the job array: invalid partition specified: nosuch" in line
+    assert not out.exists() and slurm.problem() is None
+
+
+def test_a_task_slurm_ended_is_named_with_its_state_and_only_a_log_that_exists(tmp_path):
+    slurm = pytest.importorskip("moe_cl.suite.slurm")
+    array = slurm.SlurmArray(tmp_path, Launch(launcher="slurm", slurm_time=10), echo=print)
+    paths = SimpleNamespace(result_pickle=tmp_path / "7_1_0_result.pkl",
+                            stderr=tmp_path / "7_1_0_log.err")
+    task = slurm.Task(SimpleNamespace(job_id="7_1", paths=paths), array)
+    array._states["7_1"] = ("CANCELLED", "")  # cancelled while it pended: it wrote no log
+    with pytest.raises(RunDied) as died:
+        array.result(task)
+    assert "SLURM task 7_1 ended CANCELLED without a result; it wrote no log" in str(died.value)
+    paths.stderr.write_text("slurmstepd: error: *** JOB 8 CANCELLED ***")
+    array._states["7_1"] = ("TIMEOUT", "")
+    with pytest.raises(RunDied, match=f"ended TIMEOUT without a result; see {paths.stderr}"):
+        array.result(task)

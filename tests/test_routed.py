@@ -1,14 +1,19 @@
 """The routed mixture: a router of class statistics picks the experience, experts per
-experience stay frozen, groups are reused past the cap, and no training sample is kept."""
+experience stay frozen, groups are reused past the cap, the expert groups may vote across
+experiences (SEED), and no training sample is kept."""
 
 import copy
+import math
 
 import pytest
 import torch
 from avalanche.training.plugins import ReplayPlugin
 
+from moe_cl.core.experience_routing import seed_vote
+from moe_cl.core.router import ClassStatistics
 from moe_cl.core.zoo import mlp_architecture
 from moe_cl.data.streams import make_benchmark
+from moe_cl.data.tensors import dataset_tensors
 from moe_cl.training.models import MixtureOfExperts
 from moe_cl.training.options import FEATURE_SPACES, ROUTER_FEATURES, ExpertPolicy, RouterOptions
 from moe_cl.training.routed import RoutedMixture, RouterUpdate, mean_pairwise_kl
@@ -22,10 +27,10 @@ def _tiny(n_experiences=3, scenario="class", seed=0):
     return bundle, arch
 
 
-def _routed(arch, *, feature="pixels", scenario="class", **policy):
+def _routed(arch, *, feature="pixels", scenario="class", experts_vote="none", **policy):
     policy = ExpertPolicy("grow", per_experience=policy.pop("per_experience", 2), **policy)
     return RoutedMixture(architecture=arch, num_experts=2, policy=policy, scenario=scenario,
-                         router=RouterOptions(feature=feature))
+                         router=RouterOptions(feature=feature, experts_vote=experts_vote))
 
 
 def _strategy(model, *, epochs=3, plugins=()):
@@ -259,6 +264,9 @@ def test_a_reuse_in_progress_survives_a_state_dict_round_trip():
     ("router.feature=nope", "router.feature='nope' is not valid"),
     ("router.combine=sum", "router.combine='sum' is not valid"),
     ("router.shrinkage=0", "router.shrinkage must be"),
+    ("router.experts_vote=mos", "router.experts_vote='mos' is not valid"),
+    ("router.vote_temperature=0", "router.vote_temperature must be"),
+    ("router.vote_weight=-1", "router.vote_weight must be"),
     ("experts.freeze_old=true", "does not apply to method=routed"),
 ])
 def test_bad_router_settings_are_one_line_usage_errors(tmp_path, capsys, override, message):
@@ -347,3 +355,123 @@ def test_split_cifar100_runs_the_routed_mixture_from_files_in_the_real_format(tm
     assert results["status"] == "complete" and results["num_experts"] == 4 + 2
     assert results["statistics_bytes"] == 8 * (100 + 100 * 2400 + 2400 * 2400)
     assert results["router_error"] is not None
+    assert results["experts_vote"] is None  # router.experts_vote=none
+
+
+def _trained(model, bundle, *, epochs=1):
+    strategy = _strategy(model, epochs=epochs)
+    for experience in bundle.benchmark.train_stream:
+        strategy.train(experience)
+    return strategy
+
+
+def test_the_seed_vote_averages_tempered_posteriors_over_the_groups_holding_a_class():
+    # Temperature 2 halves these: group 0 holds classes 0-2, softmax (1/4, 1/4, 1/2); group 1
+    # holds 1 and 2, softmax (3/4, 1/4); group 2 holds nothing; no group holds class 3.
+    inf, ln2, ln3 = float("inf"), math.log(2), math.log(3)
+    scores = torch.tensor([[[0.0, 0.0, 2 * ln2, -inf]],
+                           [[-inf, 2 * ln3, 0.0, -inf]],
+                           [[-inf, -inf, -inf, -inf]]])
+    vote = seed_vote(scores, temperature=2.0)
+    expected = torch.tensor([[math.log(1 / 4), math.log(1 / 2), math.log(3 / 8), -inf]])
+    torch.testing.assert_close(vote, expected)
+
+
+def test_expert_groups_hold_exact_statistics_of_every_class_from_their_experience_on():
+    """Group g arrived with experience g and has been frozen since: its statistics are those of
+    every class from experience g on computed at once, whatever the batches they came in (up to
+    the float32 features, whose last bits depend on the batch size)."""
+    torch.manual_seed(10)
+    bundle, arch = _tiny()
+    model = _routed(arch, experts_vote="seed")
+    _trained(model, bundle)
+    model.eval()
+    stream = bundle.benchmark.train_stream
+    data = [dataset_tensors(experience.dataset.eval())[:2] for experience in stream]
+    with torch.no_grad():
+        hidden = [model.core.bank(x)[1] for x, _ in data]
+    split = _routed(arch, experts_vote="seed")
+    split.load_state_dict(model.state_dict())
+    for statistics in (split.statistics, *split.vote_statistics):
+        for tensor in (statistics.counts, statistics.means, statistics.scatter):
+            tensor.zero_()
+    for experience in stream:
+        split.update_router(experience, chunk=7)
+    assert len(model.vote_statistics) == len(model.group_sizes) == 3
+    for group, statistics in enumerate(model.vote_statistics):
+        one_shot = ClassStatistics(model.num_classes, statistics.num_features)
+        one_shot.update(torch.cat([model._group_hidden(h, group) for h in hidden[group:]]),
+                        torch.cat([y for _, y in data[group:]]))
+        for other, tolerance in ((one_shot, 1e-10), (split.vote_statistics[group], 1e-6)):
+            for name in ("counts", "means", "scatter"):
+                torch.testing.assert_close(getattr(statistics, name), getattr(other, name),
+                                           rtol=tolerance, atol=tolerance)
+
+
+def test_a_vote_weight_of_zero_gives_exactly_the_router_only_output():
+    torch.manual_seed(11)
+    bundle, arch = _tiny()
+    model = _routed(arch, experts_vote="seed")
+    _trained(model, bundle)
+    alone = _routed(arch)
+    unexpected = alone.load_state_dict(model.state_dict(), strict=False).unexpected_keys
+    assert unexpected and all(k.startswith("vote_statistics.") for k in unexpected)
+    model.eval()
+    alone.eval()
+    x = torch.randn(32, *bundle.input_shape)
+    model.router.vote_weight = 0.0
+    assert torch.equal(model(x), alone(x))
+    out = model.last_output
+    assert torch.equal(out.voted_log_probs, out.router_log_probs)
+    assert alone.last_output.voted_log_probs is None
+    model.router.vote_weight = 1.0
+    assert not torch.equal(model(x), alone(x))  # the vote does move the posterior
+
+
+def test_a_reused_group_keeps_its_old_classes_statistics_and_adds_the_new_ones():
+    """Past experts.max the reused group is fine-tuned: its older classes' data is gone, so
+    their statistics stay as they were and the new classes' join them (as in SEED)."""
+    torch.manual_seed(12)
+    bundle, arch = _tiny()
+    model = _routed(arch, experts_vote="seed", max=4)
+    strategy = _strategy(model, epochs=1)
+    stream = bundle.benchmark.train_stream
+    strategy.train(stream[0])
+    strategy.train(stream[1])
+    before = copy.deepcopy(model.vote_statistics.state_dict())
+    strategy.train(stream[2])
+    reused = model.growth_log[-1]["reused_group"]
+    statistics = model.vote_statistics[reused]
+    new = sorted(stream[2].classes_in_this_experience)
+    old = [c for c in range(model.num_classes) if c not in new]
+    assert len(model.vote_statistics) == 2 and (statistics.counts[new] > 0).all()
+    assert torch.equal(statistics.counts[old], before[f"{reused}.counts"][old])
+    assert torch.equal(statistics.means[old], before[f"{reused}.means"][old])
+    fresh = _routed(arch, experts_vote="seed", max=4)
+    fresh.load_state_dict(model.state_dict())
+    model.eval()
+    fresh.eval()
+    x = torch.randn(8, *bundle.input_shape)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_a_run_with_the_seed_vote_records_what_the_vote_changed(tmp_path):
+    import json
+
+    from moe_cl.run.cli import main
+    from moe_cl.training.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    code = main(["benchmark=tiny", "strategy=routed", "router.experts_vote=seed",
+                 "train.epochs=1", f"out_dir={out}", "logging.interactive=false",
+                 "logging.tensorboard=false", "logging.figures=false"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    vote = results["experts_vote"]
+    assert set(vote) == {"changed", "fixed", "broke"}
+    assert vote["changed"] >= vote["fixed"] + vote["broke"] >= 0
+    state = load_checkpoint(out / "checkpoint.pt")["model"]["state_dict"]
+    kept = [t for k, t in state.items() if k.startswith(("statistics.", "vote_statistics."))
+            and k.endswith((".counts", ".means", ".scatter"))]
+    assert any(k.startswith("vote_statistics.") for k in state)
+    assert results["statistics_bytes"] == sum(t.numel() * t.element_size() for t in kept)

@@ -19,6 +19,11 @@ class seen by then when a replay buffer showed it older ones), and only its expe
 are read from it, so an expert that learnt to leave old classes' samples alone says so.
 The reported gate of expert i is sum_r p_final(t_r | x) g_r(x | t_r) over its routes: it sums to
 one over the experts and is what routing metrics describe.
+
+:func:`seed_vote` lets the experts speak across experiences before that (SEED, Rypesc et al.,
+ICLR 2024): every expert group keeps Gaussians of the classes from its experience on, and its
+tempered posterior over them, averaged per class over the groups holding it, multiplies into
+the router's: log p(y | x) = log p_router(y | x) + w log p_vote(y | x).
 """
 
 from __future__ import annotations
@@ -135,3 +140,17 @@ def _nan_to(t: Tensor, value: float) -> Tensor:
 def _class_experience(classes: Tensor) -> Tensor:
     """[K]: the experience of each class (0 for classes of none: they are masked anyway)."""
     return classes.float().argmax(0)
+
+
+def seed_vote(group_log_likelihoods: Tensor, temperature: float) -> Tensor:
+    """[B, K] log p_vote(y | x): per class, the mean over the expert groups that hold it of the
+    group's softmax(log-likelihood / temperature) over the classes it holds (SEED).
+
+    group_log_likelihoods [G, B, K]: each group's class log-likelihoods, -inf for classes it
+    does not hold. Classes no group holds get -inf.
+    """
+    neg_inf = float("-inf")
+    held = group_log_likelihoods > neg_inf
+    tempered = (group_log_likelihoods / temperature).log_softmax(-1).masked_fill(~held, neg_inf)
+    holders = held.sum(0).clamp(min=1)
+    return tempered.logsumexp(0) - holders.log()

@@ -122,9 +122,13 @@ class ClassStatistics(nn.Module):
     classes: x^T W_k + b_k with W = (S / (N - K_seen) + shrinkage * I)^-1 mu_k and
     b_k = -1/2 mu_k^T W_k. Priors are equal (the class counts are an artefact of the stream), and
     classes never seen score -inf. W and b are solved once per change and cached.
+    ``relative_shrinkage``: the shrinkage is scaled by the covariance's mean diagonal (SEED's
+    expert spaces, whose scale is learnt, so a fixed ridge would mean something different in
+    each; 1 while the statistics have no spread yet).
     """
 
-    def __init__(self, num_classes: int, num_features: int, shrinkage: float = 1e-4) -> None:
+    def __init__(self, num_classes: int, num_features: int, shrinkage: float = 1e-4, *,
+                 relative_shrinkage: bool = False) -> None:
         super().__init__()
         if num_classes < 1 or num_features < 1:
             raise ValueError("num_classes and num_features must be >= 1")
@@ -132,6 +136,7 @@ class ClassStatistics(nn.Module):
             raise ValueError(f"shrinkage must be > 0 (keeps the covariance invertible), "
                              f"got {shrinkage}")
         self.num_classes, self.num_features, self.shrinkage = num_classes, num_features, shrinkage
+        self.relative_shrinkage = relative_shrinkage
         wide = torch.float64
         self.register_buffer("counts", torch.zeros(num_classes, dtype=wide))
         self.register_buffer("means", torch.zeros(num_classes, num_features, dtype=wide))
@@ -191,7 +196,8 @@ class ClassStatistics(nn.Module):
         seen = self.seen_classes
         degrees_of_freedom = (self.counts.sum() - seen.sum()).clamp(min=1)
         covariance = self.scatter / degrees_of_freedom
-        covariance.diagonal().add_(self.shrinkage)
+        scale = float(covariance.diagonal().mean()) if self.relative_shrinkage else 1.0
+        covariance.diagonal().add_(self.shrinkage * (scale or 1.0))
         weights = torch.cholesky_solve(self.means.T, torch.linalg.cholesky(covariance))
         bias = -0.5 * (self.means * weights.T).sum(1)
         # Unseen classes have mean 0, so weights 0: the bias alone makes their score -inf.

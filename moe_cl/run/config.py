@@ -33,6 +33,7 @@ from moe_cl.storage.run_folder import CHECKPOINT, CONFIG, RESULTS, check_results
 from moe_cl.training.methods import BACKBONES, METHODS, key_applies
 from moe_cl.training.options import (
     EXPERT_INITS,
+    EXPERTS_VOTES,
     POLICIES,
     ROUTER_COMBINES,
     ROUTER_FEATURES,
@@ -63,6 +64,7 @@ CHOICES: dict[str, Collection[str]] = {
     "regularizer.ls.scaling": SCALINGS,
     "router.feature": ROUTER_FEATURES,
     "router.combine": ROUTER_COMBINES,
+    "router.experts_vote": EXPERTS_VOTES,
     "slda.features": ROUTER_FEATURES,  # every feature space of the router
 }
 POSITIVE = ("train.batch_size", "train.eval_batch_size", "model.num_experts",
@@ -74,8 +76,9 @@ NON_NEGATIVE = ("train.epochs", "regularizer.importance", "regularizer.ls.beta_s
                 "train.checkpoint_every_epochs", "baseline.ewc_lambda", "baseline.lwf_alpha",
                 "baseline.si_lambda",
                 "experts.threshold", "experts.max", "experts.reuse_distillation",
-                "router.expert_weight")
-ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature", "router.shrinkage", "slda.shrinkage")
+                "router.expert_weight", "router.vote_weight")
+ABOVE_ZERO = ("train.lr", "baseline.lwf_temperature", "router.shrinkage", "slda.shrinkage",
+              "router.vote_temperature")
 MAX_SEED = 2**32 - 1  # numpy's limit; Avalanche seeds numpy, random and torch alike
 MAX_COUNT = 2**31 - 1  # a count beyond it (train.epochs=10**23) is a typo, not a plan
 

@@ -100,9 +100,11 @@ def results_record(cfg: DictConfig, progress: Progress, model: nn.Module, *, dev
                                   if progress.reference_train_errors else None),
         "test_error": routing.get("error", 1.0 - average_accuracy(matrix)) if matrix else None,
         "top5_error": routing.get("top5_error"),
-        # a routed mixture: its router's own error, and the bytes of what it keeps instead of
-        # samples
+        # a routed mixture: its router's own error, what its expert groups' vote changed in
+        # the router's predictions (router.experts_vote; training.evaluation.VoteCounts), and
+        # the bytes of what it keeps instead of samples
         "router_error": routing.get("router_error"),
+        "experts_vote": routing.get("experts_vote"),
         "statistics_bytes": getattr(model, "statistics_bytes", None),
         "H_s": routing.get("H_s"),
         "H_u": routing.get("H_u"),

@@ -333,24 +333,24 @@ def _read_lock(lock: Path) -> dict | None:
 
 def _is_stale(holder: dict) -> bool:
     """Whether the process that took this lock is gone: an earlier start of this same SLURM
-    job (requeued after preemption, it runs again under its job id), or a process of this host
-    that is not alive (or has this process's own pid, as after a container restart)."""
+    job (requeued after preemption, it runs again under its job id), another SLURM job that
+    squeue no longer shows (it ended: scancel), or a process of this host that is not alive
+    (or has this process's own pid, as after a container restart)."""
     job = os.environ.get("SLURM_JOB_ID")
     if job and holder.get("slurm_job") == job and holder.get("slurm_restart", 0) < _slurm_restart():
         return True
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
+        other = str(holder.get("slurm_job") or "")  # squeue prints nothing for an ended job
+        return other.isdigit() and other != job and not os.popen(  # digits only: no injection
+            f"squeue -h -j {other} -o %T 2>&1 | grep -v 'Invalid job id'").read().strip()
     return holder["pid"] == os.getpid() or not _alive(holder["pid"])
 
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+        return os.kill(pid, 0) is None
+    except OSError as error:  # PermissionError: another user's process, alive
+        return not isinstance(error, ProcessLookupError)
 
 
 def _remove_stale(lock: Path, stale: dict) -> None:

@@ -15,11 +15,13 @@ from moe_cl.errors import USAGE_ERROR
 from moe_cl.suite import launch as launching
 from moe_cl.suite.launch import Launch
 
-EXIT_CODES = ("Exit codes: 0 done; 1 a run's process or SLURM job died without a result (or a "
-              "bug); 2 usage error (bad option or override, a run's configuration, data, device "
-              "or checkpoint, a run folder in use by another process; nothing finished to "
-              "tabulate with --report-only); 3 a run stopped on a NaN or infinite loss; 4 no "
-              "space left to write a file (free some, then run the same command again).")
+EXIT_CODES = ("Exit codes: 0 done; 1 a run's process or SLURM task died without a result "
+              "(cancelled, timed out, failed; or a bug); 2 usage error (bad option or override, "
+              "a run's configuration, data, device or checkpoint, a run folder in use by another "
+              "process, a job array SLURM refused or a task it can never start; nothing "
+              "finished to tabulate with --report-only); 3 a run stopped on a NaN or infinite "
+              "loss; 4 no space left to write a file (free some, then run the same command "
+              "again); 130 Ctrl-C (the SLURM tasks submitted are cancelled).")
 # Keys the suite sets itself for every run, and how to choose them instead.
 CONTROLLED = {
     "seed": "use --seeds N (runs seeds 0..N-1)",

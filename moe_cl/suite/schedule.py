@@ -63,7 +63,7 @@ def train_runs(benchmark: str, variants: Sequence[Variant], seeds: Sequence[int]
     if not todo:
         return
     gpus = _gpus_to_share(todo[0], launch)
-    with _executor(launch, out) as executor:
+    with _executor(launch, out, progress.echo) as executor:
         failure = _run_all(executor, todo, progress, gpus, launching.run_threads(launch))
     if failure is not None:
         raise SuiteError(failure.error, failure.exit_code)
@@ -89,14 +89,14 @@ def _gpus_to_share(spec: RunSpec, launch: Launch) -> list[str]:
     return gpus
 
 
-def _executor(launch: Launch, out: Path):
+def _executor(launch: Launch, out: Path, echo: Callable[[str], None]):
     if launch.launcher == "slurm":
         from moe_cl.suite import slurm
 
         problem = slurm.problem()
         if problem:
             raise SuiteError(problem)
-        return slurm.SlurmArray(out, launch)
+        return slurm.SlurmArray(out, launch, echo)
     if (launch.jobs or 1) > 1:
         return launching.Workers(launch.jobs)
     return launching.InProcess()
@@ -107,9 +107,9 @@ def _run_all(executor, runs: Sequence[RunSpec], progress: _Progress, gpus: Seque
     """Run ``runs`` on ``executor`` in their order (on the least busy of ``gpus``, if any, with
     ``threads`` torch threads), each run with a teacher among them after that teacher, and
     report each. The first failure stops new starts; it is returned once the runs still
-    running have ended."""
+    running have ended, naming the runs that failed after it too."""
     pending, running = list(runs), {}
-    failure = None
+    failure, failed_too = None, []
     while running or (pending and failure is None):
         if failure is None:
             started = []
@@ -118,7 +118,8 @@ def _run_all(executor, runs: Sequence[RunSpec], progress: _Progress, gpus: Seque
                 busy = [s.device for s in (*running.values(), *started)]
                 device = launching.least_loaded(gpus, busy) if gpus else None
                 started.append(replace(spec, device=device, threads=threads))
-            running.update(zip(executor.submit(finish_run, started), started, strict=True))
+            if started:  # an empty submission is no array (submitit warns about each)
+                running.update(zip(executor.submit(finish_run, started), started, strict=True))
         finished = [handle for handle in running if handle.done()]
         if not finished:
             time.sleep(executor.poll_s)
@@ -132,9 +133,14 @@ def _run_all(executor, runs: Sequence[RunSpec], progress: _Progress, gpus: Seque
                 progress.report(spec, outcome)
                 continue
             failure = failure or outcome
-            if running:
-                progress.echo(f"{outcome.error}; waiting for the {len(running)} run(s) still "
-                              "running to end")
+            if outcome is not failure:
+                failed_too.append(f"{spec.variant.name} seed {spec.seed}")
+            if running or outcome is not failure:
+                waiting = f"; waiting for the {len(running)} run(s) still running to end"
+                progress.echo(f"{outcome.error}{waiting if running else ''}")
+    if failed_too:
+        failure = replace(failure, error=f"{failure.error} ({len(failed_too)} more run(s) "
+                                         f"failed: {', '.join(failed_too)}; their lines are above)")
     return failure
 
 

@@ -3,12 +3,15 @@
 :class:`RoutingMetrics` reads the routing of each evaluation forward pass (no second pass) and
 emits, per test experience and per stream: H_s, H_u, MI (true labels), MI_pred (class predicted
 by the selected expert, as in the paper), the number of experts, expert usage and the expert x
-class matrix. Avalanche's loggers record them like any metric.
+class matrix. Avalanche's loggers record them like any metric. For a routed mixture whose expert
+groups vote (``router.experts_vote``), the stream's result also counts what the vote changed
+(:class:`VoteCounts`).
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +23,30 @@ from avalanche.logging import BaseLogger
 from moe_cl.core.metrics import RoutingAccumulator
 from moe_cl.storage.figures import expert_class_heatmap, figure_to_image_tensor
 from moe_cl.training.models import routing_output
+from moe_cl.training.routed import RoutedOutput
 
 SCALARS = ("H_s", "H_u", "MI", "MI_pred")
+
+
+@dataclass
+class VoteCounts:
+    """What the expert groups' vote decided: ``changed``, the samples whose predicted class
+    (the argmax of the router's posterior) the vote changed; of those, ``fixed`` the ones the
+    router got wrong and the vote right, ``broke`` the ones the router got right and the vote
+    wrong (the rest went from one wrong class to another). fixed - broke is the vote's gain in
+    correct predictions of the router's posterior."""
+
+    changed: int = 0
+    fixed: int = 0
+    broke: int = 0
+
+    def update(self, router_log_probs: torch.Tensor, voted_log_probs: torch.Tensor,
+               labels: torch.Tensor) -> None:
+        router, voted = router_log_probs.argmax(-1), voted_log_probs.argmax(-1)
+        changed = router != voted
+        self.changed += int(changed.sum())
+        self.fixed += int((changed & (voted == labels)).sum())
+        self.broke += int((changed & (router == labels)).sum())
 
 
 class RoutingMetrics(PluginMetric[dict]):
@@ -39,6 +64,7 @@ class RoutingMetrics(PluginMetric[dict]):
         self.heatmaps = heatmaps
         self._experience: RoutingAccumulator | None = None
         self._stream: RoutingAccumulator | None = None
+        self._vote: VoteCounts | None = None  # the stream's, when the expert groups vote
         self.last_stream_result: dict = {}
 
     def reset(self) -> None:
@@ -46,10 +72,16 @@ class RoutingMetrics(PluginMetric[dict]):
         self._stream = None
 
     def result(self) -> dict:
-        return self._stream.compute() if self._stream is not None else {}
+        if self._stream is None:
+            return {}
+        result = self._stream.compute()
+        if self._vote is not None:
+            result["experts_vote"] = asdict(self._vote)
+        return result
 
     def before_eval(self, strategy, **kwargs) -> None:
         self._stream = None
+        self._vote = None
 
     def before_eval_exp(self, strategy, **kwargs) -> None:
         self._experience = None
@@ -65,6 +97,9 @@ class RoutingMetrics(PluginMetric[dict]):
         for acc in (self._experience, self._stream):
             acc.update(out.gate, strategy.mb_y, log_probs=strategy.mb_output,
                        expert_prediction=prediction, router_log_probs=out.router_log_probs)
+        if isinstance(out, RoutedOutput) and out.voted_log_probs is not None:
+            self._vote = self._vote or VoteCounts()
+            self._vote.update(out.router_log_probs, out.voted_log_probs, strategy.mb_y)
 
     def after_eval_exp(self, strategy, **kwargs):
         if not self.per_experience or self._experience is None:
@@ -74,7 +109,7 @@ class RoutingMetrics(PluginMetric[dict]):
     def after_eval(self, strategy, **kwargs):
         if self._stream is None:
             return None
-        result = self._stream.compute()
+        result = self.result()
         self.last_stream_result = result
         if not self.per_stream:
             return None

@@ -77,6 +77,8 @@ class ExpertPolicy:
 
 RouterCombine = Literal["task", "product"]
 ROUTER_COMBINES: tuple[str, ...] = get_args(RouterCombine)
+ExpertsVote = Literal["none", "seed"]
+EXPERTS_VOTES: tuple[str, ...] = get_args(ExpertsVote)
 # Builds a feature space's frozen map for inputs of a shape, with the router's options; None:
 # the model's gate network up to its first Flatten (``moe_cl.core.router.trunk_features``).
 FeatureMapBuilder = Callable[[Sequence[int], "RouterOptions"], "nn.Module | None"]
@@ -127,6 +129,11 @@ class RouterOptions:
     ``combine``: ``task``: p(y|x) = p(t(y)|x) p_mix(y|x, t(y)), the router choosing the experience
     and the experts the class; ``product``: p(y|x) ∝ p_router(y|x) p_mix(y|x, t(y))^expert_weight,
     the experts' evidence multiplied into the router's posterior.
+    ``experts_vote``: ``none``; ``seed``: every expert group keeps class Gaussians in its hidden
+    space (before the last ReLU) for each class from its experience on, and their tempered
+    posteriors vote on the class across experiences before the mixture (SEED):
+    log p(y|x) = log p_router(y|x) + vote_weight * log p_vote(y|x), the groups' softmax at
+    ``vote_temperature`` averaged per class (:func:`moe_cl.core.experience_routing.seed_vote`).
     """
 
     feature: str = "random_conv"  # one of ROUTER_FEATURES
@@ -137,6 +144,9 @@ class RouterOptions:
     shrinkage: float = 1e-4
     combine: str = "product"  # one of ROUTER_COMBINES
     expert_weight: float = 1.0
+    experts_vote: str = "none"  # one of EXPERTS_VOTES
+    vote_temperature: float = 10.0
+    vote_weight: float = 0.1
 
     def __post_init__(self) -> None:
         if self.feature not in ROUTER_FEATURES:
@@ -150,3 +160,8 @@ class RouterOptions:
                              " > 0")
         if self.expert_weight < 0:
             raise ValueError(f"router.expert_weight must be >= 0, got {self.expert_weight}")
+        if self.experts_vote not in EXPERTS_VOTES:
+            raise ValueError(f"router.experts_vote must be one of {EXPERTS_VOTES}, "
+                             f"got {self.experts_vote!r}")
+        if not self.vote_temperature > 0 or self.vote_weight < 0:
+            raise ValueError("router.vote_temperature must be > 0 and router.vote_weight >= 0")

@@ -14,14 +14,18 @@ gate (with L_s and L_importance as usual) decides only among the experts of that
   hidden features separate its classes best (SEED's criterion: the largest mean KL divergence
   between the new classes' Gaussians) and fine-tunes it with cross-entropy plus a distillation of
   its hidden features to a frozen copy;
-- after each experience, :class:`RouterUpdate` adds the experience's class statistics;
-- at evaluation, p(y | x) combines the router's posterior with the experts that own y.
+- after each experience, :class:`RouterUpdate` adds the experience's class statistics (with
+  ``router.experts_vote=seed`` also each expert group's, in its hidden space);
+- at evaluation, p(y | x) combines the router's posterior (after the expert groups' vote, if
+  any) with the experts that own y.
 
-No training sample is kept: the router holds counts, means and one scatter matrix.
+No training sample is kept: the router holds counts, means and one scatter matrix (and each
+expert group, when it votes, the same in its hidden space).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +33,7 @@ from avalanche.benchmarks.scenarios import CLExperience
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
-from moe_cl.core.experience_routing import ExperienceRoutes, mix_by_experience
+from moe_cl.core.experience_routing import ExperienceRoutes, mix_by_experience, seed_vote
 from moe_cl.core.gates import SoftmaxGate
 from moe_cl.core.mixture import MoEOutput
 from moe_cl.core.router import ClassStatistics, trunk_features
@@ -42,6 +46,19 @@ from moe_cl.training.models import (
     routing_output,
 )
 from moe_cl.training.options import FEATURE_SPACES, ExpertPolicy, RouterOptions
+
+# The expert groups' covariance is shrunk by this fraction of its mean diagonal (the issue 22
+# measurement's choice: the experts' hidden scale is learnt, so the ridge follows it).
+VOTE_SHRINKAGE = 0.1
+
+
+@dataclass
+class RoutedOutput(MoEOutput):
+    """A routed mixture's evaluation pass, with the router's class posterior after the expert
+    groups' vote (``router.experts_vote``; None without one), so that what the vote changed
+    can be counted against ``router_log_probs``."""
+
+    voted_log_probs: Tensor | None = None
 
 
 class RoutedMixture(MixtureOfExperts):
@@ -83,6 +100,9 @@ class RoutedMixture(MixtureOfExperts):
                                                             self.router)
         self.statistics = ClassStatistics(self.num_classes, self._feature_size(),
                                           self.router.shrinkage)
+        # With experts_vote=seed, vote_statistics[g]: class statistics in group g's hidden space.
+        self.vote_statistics = nn.ModuleList() if self.router.experts_vote == "seed" else None
+        self._sync_vote_statistics()
 
     # -- the feature space
 
@@ -97,8 +117,9 @@ class RoutedMixture(MixtureOfExperts):
 
     @property
     def statistics_bytes(self) -> int:
-        """What the router keeps instead of samples: its class statistics, in bytes."""
-        return self.statistics.nbytes
+        """What the router keeps instead of samples: its class statistics (and the expert
+        groups' for their vote), in bytes."""
+        return self.statistics.nbytes + sum(s.nbytes for s in self.vote_statistics or ())
 
     def router_features(self, x: Tensor) -> Tensor:
         """The router's features of a batch: a fixed function once the first experience has
@@ -109,17 +130,44 @@ class RoutedMixture(MixtureOfExperts):
 
     @torch.no_grad()
     def update_router(self, experience: CLExperience, chunk: int = 4096) -> None:
-        """Add the class statistics of the experience's data (its evaluation view)."""
+        """Add the class statistics of the experience's data (its evaluation view): the
+        router's and, for a vote, those of every expert group that arrived by this experience,
+        in its hidden space. A group is frozen after its experience, so its statistics are
+        exact; a group reused past ``experts.max``
+        keeps its older classes' statistics as they were (their data is gone) and adds the new
+        classes' in its fine-tuned space, as SEED does (the distillation keeps the drift small)."""
         x, y, _ = dataset_tensors(experience.dataset.eval())
         device = self.class_experience.device
+        voters = [g for g in range(len(self.vote_statistics or ()))
+                  if self.expert_experiences[self._group_slice(g).start][0]
+                  <= experience.current_experience]
         was_training = self.training
         self.eval()
         try:
             for start in range(0, len(x), chunk):
-                batch = x[start:start + chunk].to(device)
-                self.statistics.update(self.router_features(batch), y[start:start + chunk])
+                batch, labels = x[start:start + chunk].to(device), y[start:start + chunk]
+                self.statistics.update(self.router_features(batch), labels)
+                if voters:
+                    _, hidden = self.core.bank(batch)
+                    for group in voters:
+                        self.vote_statistics[group].update(self._group_hidden(hidden, group),
+                                                           labels)
         finally:
             self.train(was_training)
+
+    def _sync_vote_statistics(self) -> None:
+        """One set of class statistics per expert group when the groups vote, added with the
+        group (so a checkpoint inside an experience holds one for each)."""
+        if self.vote_statistics is None:
+            return
+        for size in self.group_sizes[len(self.vote_statistics):]:
+            self.vote_statistics.append(ClassStatistics(
+                self.num_classes, size * self.core.bank.hidden_size, VOTE_SHRINKAGE,
+                relative_shrinkage=True).to(self.class_experience.device))
+
+    def _group_hidden(self, hidden: Tensor, group: int) -> Tensor:
+        """[B, m H]: group ``group``'s hidden vectors (before their last ReLU), side by side."""
+        return hidden[:, self._group_slice(group)].flatten(1)
 
     # -- adaptation across experiences
 
@@ -140,6 +188,7 @@ class RoutedMixture(MixtureOfExperts):
                 self._reuse(experience)
             else:
                 self._grow(experience)
+            self._sync_vote_statistics()
         seen = (self.class_experience >= 0).nonzero().flatten().tolist()
         self.expert_support += [[] for _ in range(self.num_experts - len(self.expert_support))]
         for expert, served in enumerate(self.expert_experiences):
@@ -213,9 +262,13 @@ class RoutedMixture(MixtureOfExperts):
         self.reuse_teacher.requires_grad_(False)
         target.requires_grad_(True)
 
-    def _group_experts(self, group: int) -> list[int]:
+    def _group_slice(self, group: int) -> slice:
         first = sum(self.group_sizes[:group])
-        return list(range(first, first + self.group_sizes[group]))
+        return slice(first, first + self.group_sizes[group])
+
+    def _group_experts(self, group: int) -> list[int]:
+        experts = self._group_slice(group)
+        return list(range(experts.start, experts.stop))
 
     @torch.no_grad()
     def separation_scores(self, experience: CLExperience) -> list[float]:
@@ -271,23 +324,37 @@ class RoutedMixture(MixtureOfExperts):
                                device=x.device)
         out = self.core(x, classes, experts.expand(len(x), -1))
         if self.reuse_teacher is not None:
-            reused = self._group_experts(self.reused_group)
             _, teacher_hidden = self.reuse_teacher(x)
-            drift = (out.hidden[:, reused[0]:reused[-1] + 1] - teacher_hidden).pow(2).mean()
+            drift = (out.hidden[:, self._group_slice(self.reused_group)]
+                     - teacher_hidden).pow(2).mean()
             out.auxiliary_loss = self.policy.reuse_distillation * drift
         return out
 
-    def _routed_forward(self, x: Tensor, class_mask: Tensor | None) -> MoEOutput:
+    def _routed_forward(self, x: Tensor, class_mask: Tensor | None) -> RoutedOutput:
         logits, hidden = self.core.bank(x)
         scores = self.core.gate.scores(x, hidden)
         posterior = self.statistics.log_likelihoods(self.router_features(x)).to(x.dtype)
         if class_mask is not None:  # task-incremental: the task's classes; else the seen ones
             posterior = posterior.masked_fill(~class_mask, float("-inf"))
-        routed = mix_by_experience(scores, logits, self.routes(), posterior,
+        voted = None
+        if self.vote_statistics is not None:
+            voted = posterior + self.router.vote_weight * self.experts_vote(hidden).to(x.dtype)
+        routed = mix_by_experience(scores, logits, self.routes(),
+                                   posterior if voted is None else voted,
                                    combine=self.router.combine,
                                    expert_weight=self.router.expert_weight)
-        return MoEOutput(routed.log_probs, routed.gate, routed.expert_log_probs, hidden,
-                         routed.gate.argmax(-1), router_log_probs=posterior.log_softmax(-1))
+        return RoutedOutput(routed.log_probs, routed.gate, routed.expert_log_probs, hidden,
+                            routed.gate.argmax(-1), router_log_probs=posterior.log_softmax(-1),
+                            voted_log_probs=None if voted is None else voted.log_softmax(-1))
+
+    def experts_vote(self, hidden: Tensor) -> Tensor:
+        """[B, K] the expert groups' log p_vote(y | x) from their class statistics
+        (:func:`~moe_cl.core.experience_routing.seed_vote`); 0 for classes no group holds, so
+        that they keep the router's posterior and a vote weight of 0 changes nothing at all."""
+        group_scores = torch.stack([statistics.log_likelihoods(self._group_hidden(hidden, g))
+                                    for g, statistics in enumerate(self.vote_statistics)])
+        vote = seed_vote(group_scores, self.router.vote_temperature)
+        return vote.masked_fill(vote.isinf(), 0.0)
 
     # -- state
 
@@ -304,6 +371,7 @@ class RoutedMixture(MixtureOfExperts):
             self._freeze_gate()
         if state["reused_group"] is not None:
             self.start_reuse(state["reused_group"])
+        self._sync_vote_statistics()
         self._routes = None
 
 

@@ -46,6 +46,21 @@ def test_hand_computed_two_classes_in_two_dimensions():
     torch.testing.assert_close(scores, expected)
 
 
+def test_relative_shrinkage_scales_with_the_mean_diagonal():
+    # The hand-computed case above: covariance [[2, 1], [1, 1]], mean diagonal 1.5, so a
+    # relative shrinkage of 2/3 is the absolute shrinkage 1 there.
+    features = torch.tensor([[0.0, 0.0], [4.0, 0.0], [2.0, 2.0], [6.0, 0.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    relative = ClassStatistics(3, 2, shrinkage=2 / 3, relative_shrinkage=True)
+    absolute = ClassStatistics(3, 2, shrinkage=1.0)
+    for statistics in (relative, absolute):
+        statistics.update(features, labels)
+    x = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    torch.testing.assert_close(relative.log_likelihoods(x), absolute.log_likelihoods(x))
+    empty = ClassStatistics(3, 2, shrinkage=0.1, relative_shrinkage=True)  # no spread yet
+    assert torch.isneginf(empty.log_likelihoods(x)).all()
+
+
 def test_one_dimension_two_batches():
     # Class 0: 0, 2 (mean 1); class 1: 4, 6, 8 (mean 6); scatter 2 + 8 = 10 over 5 - 2 = 3
     # degrees of freedom; shrinkage 2/3 makes the variance 4. W = (1/4, 3/2), b = (-1/8, -9/2).
