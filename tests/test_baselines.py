@@ -26,7 +26,10 @@ from moe_cl.training.baselines import (
 from moe_cl.training.checkpoint import (
     load_checkpoint,
     load_plugin_states,
+    model_state,
+    optimizer_state,
     plugin_states,
+    rng_state,
     save_checkpoint,
 )
 from moe_cl.training.models import MixtureOfExperts, SingleExpertModel
@@ -226,7 +229,10 @@ def test_si_state_survives_a_checkpoint_file(tmp_path):
                      criterion=nn.NLLLoss(), train_mb_size=16, plugins=[plugin],
                      evaluator=quiet_evaluator(False))
     strategy.train(bundle.benchmark.train_stream[0])
-    save_checkpoint(tmp_path / "c.pt", {"plugins": plugin_states([plugin])})
+    save_checkpoint(tmp_path / "c.pt", {
+        "plugins": plugin_states([plugin]), "model": model_state(model),
+        "optimizer": optimizer_state(strategy.optimizer, model),
+        "rng": rng_state(torch.device("cpu")), "progress": {}})
     restored = SynapticIntelligenceFixed(si_lambda=1.0)
     restored.in_experience = True
     load_plugin_states([restored], load_checkpoint(tmp_path / "c.pt")["plugins"], model)

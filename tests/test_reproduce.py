@@ -158,7 +158,7 @@ def test_compare_lists_every_strategy_and_runs_a_subset(tmp_path):
     baseline_rows = (sum(3 if key_applies(b, "slda.features") else 1 for b in baselines)
                      + sum(not METHODS[b].joint and key_applies(b, "model.backbone")
                            for b in baselines))
-    routed = 3 + 3  # class-incremental: every feature space, then replay, no L_s, capped
+    routed = 3 + 4  # class-incremental: every feature space, then replay, no L_s, capped, SEED
     assert len(names) == 5 * 2 * 2 + 1 + routed + baseline_rows
     assert "moe-fixed+softmax-class" in names and "moe-grow_freeze+copy+ls+replay-class" in names
     assert "routed+gate_trunk-class" in names and "routed+random_conv+max6-class" in names

@@ -42,8 +42,9 @@ def test_corrupt_checkpoint_is_a_usage_error_naming_the_run(suite_out, capsys):
     assert table_files(suite_out) == before
 
 
-@pytest.mark.parametrize("broken", ['{"status": "compl', "", "[1, 2]", '{"no status": 1}'])
+@pytest.mark.parametrize("broken", ['{"status": "compl', ""])
 def test_unreadable_results_json_means_the_run_is_done_again(suite_out, capsys, broken):
+    """A results.json cut short (a kill between writes) is rebuilt from the checkpoint."""
     results = suite_out / "naive-class" / "seed-0" / "results.json"
     finished = json.loads(results.read_text())
     results.write_text(broken)
@@ -53,6 +54,19 @@ def test_unreadable_results_json_means_the_run_is_done_again(suite_out, capsys, 
     assert again["average_accuracy"] == finished["average_accuracy"]
     assert set(json.loads((suite_out / "table.json").read_text())) == {"naive-class",
                                                                       "ewc-class"}
+
+
+@pytest.mark.parametrize("edited", ["[1, 2]", '{"no status": 1}'])
+def test_a_whole_but_edited_results_json_stops_the_suite_in_one_line(suite_out, capsys, edited):
+    """JSON that is not a run's results is not rebuilt behind the user's back (issue 25): one
+    line naming the file, exit 2, the tables as they were."""
+    results = suite_out / "naive-class" / "seed-0" / "results.json"
+    results.write_text(edited)
+    before = table_files(suite_out)
+    assert compare_tiny(suite_out, "--only", "naive") == 2
+    line = one_error_line(capsys)
+    assert str(results) in line and "not a run's results" in line
+    assert results.read_text() == edited and table_files(suite_out) == before
 
 
 def test_unreadable_results_json_is_not_complete_for_report_only(suite_out, capsys):

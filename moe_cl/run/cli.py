@@ -342,7 +342,8 @@ def _device_problem(cfg: DictConfig) -> str | None:
     """What the run's device cannot do of its settings (a GPU it lacks, train.precision),
     found before data or Avalanche load; torch is imported only to ask about a GPU or a
     precision other than fp32."""
-    problem = cuda_device_problem(cfg.device)
+    # under torchrun every rank checks its own GPU when the ranks take their devices together
+    problem = cuda_device_problem(cfg.device) if _torchrun_rank() is None else None
     if problem or cfg.train.precision == "fp32":
         return problem
     import torch

@@ -6,8 +6,9 @@ copied from the busiest ones, grow on demand; task-incremental also with each ta
 own experts) with the attentive gate, each with and without L_s and with and without replay,
 and the unregularised original (softmax-gate) mixture with a fixed set of experts; the routed
 mixture (``routed+FEATURES``: routing that cannot forget, training/routed.py) in each feature space
-of its router, and in its default one also with replay, without L_s and with a cap of 6 experts
-(reuse) (task-incremental: the default one, with and without replay); next to
+of its router, and in its default one also with replay, without L_s, with a cap of 6 experts
+(reuse) and with the experts' SEED vote (``+seed``) (task-incremental: the default one, with and
+without replay); next to
 every method of the registry without a mixture, all with the same epochs: Avalanche's naive,
 EWC, LwF, replay, joint training and SI on the single-expert backbone; the continual ones also
 on the gate network as a classifier (``gate-NAME``: model.backbone=gate, about the mixture's

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from moe_cl.errors import NO_SPACE
 from moe_cl.run.config import compose
 from moe_cl.run.lifecycle import RunFailed, claimed, resume_or_start, train
+from moe_cl.run.schema import NOT_SHAPING
 from moe_cl.storage.run_folder import CONFIG, RESULTS, has_checkpoint, is_complete, read_results
 from moe_cl.suite import launch as launching
 from moe_cl.suite.launch import Launch, RunDied
@@ -244,10 +245,9 @@ def _run_config(spec: RunSpec) -> DictConfig:
     return compose([*argv, *_applicable(compose(argv), extra)])
 
 
-# Where a run lies, how it was logged or placed and what more it measured; not what it
-# computes (runs made before train.reference_train_error existed stay valid; they lack its field).
-NOT_SETTINGS = ("resume", "out_dir", "logging", "device", "data.root", "distill.teacher",
-                "train.checkpoint_every_epochs", "train.reference_train_error")
+# What does not shape a run (where it lies, runs and logs), its teacher's folder and what more it
+# measured (runs made before train.reference_train_error existed stay valid; they lack its field).
+NOT_SETTINGS = (*NOT_SHAPING, "distill.teacher", "train.reference_train_error")
 
 
 def _check_settings(spec: RunSpec) -> None:
