@@ -69,6 +69,7 @@ PLACEHOLDERS = {"out_dir": "PATH", "resume": "true|RUN_FOLDER", "distill.teacher
                 "device": "auto|cpu|cuda[:N]"}
 HELP_WIDTH = 96
 FOLLOWER_LINGER_S = 10  # moe_cl.training.ranks.LINGER_S (not imported: it imports torch)
+PEERS_GRACE_S = 3  # how long rank 0 gives the others to find a problem found before they met
 
 
 def _default_note(benchmark: str) -> str:
@@ -264,6 +265,11 @@ def _command(argv: list[str], where: _Where) -> int:
     except Exception as err:
         if ranks is not None:
             ranks.announce(err)  # first: the other ranks stop
+        elif _torchrun_rank() == 0:
+            # Before the ranks met, each finds the same problem on its own: rank 0 waits a
+            # moment so that torchrun's SIGTERM, sent once it ends, finds the others ready to
+            # end with the same code (_after_rank_0) rather than still starting.
+            time.sleep(PEERS_GRACE_S)
         return _report(end_failed_run(err, out, None))  # a bug is raised
     try:
         with claimed(out, ranks=ranks):  # first: a folder in use is named as such
