@@ -257,3 +257,25 @@ def test_of_two_claims_racing_for_a_stale_lock_only_the_winner_says_it_took_over
     claim_folder(tmp_path, echo=said.append).release()
     assert said == [f"{tmp_path}: taking over the lock of process {2**22 + 1} on "
                     f"{socket.gethostname()}, which is gone"]
+
+
+@pytest.mark.parametrize(("script", "ended"), [
+    ("echo RUNNING", False),                                      # listed: alive
+    ("exit 0", True),                                             # nothing listed: ended
+    ("echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1", True),  # forgotten
+    ("echo 'slurm_load_jobs error: Unable to contact controller' >&2; exit 1", False),
+    (None, False),                                                # no squeue here: cannot tell
+])
+def test_a_slurm_job_has_ended_only_when_squeue_says_so(tmp_path, monkeypatch, script, ended):
+    """A lock taken by a SLURM job on another node is taken over only on squeue's word."""
+    from moe_cl.storage.slurm_jobs import slurm_job_ended
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if script is not None:
+        squeue = bin_dir / "squeue"
+        squeue.write_text(f"#!/bin/sh\n{script}\n")
+        squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert slurm_job_ended("12") is ended
+    assert slurm_job_ended("12; rm -rf /") is False  # never a shell, never a guess

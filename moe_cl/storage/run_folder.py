@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from moe_cl.errors import NO_SPACE, NON_FINITE_LOSS, USAGE_ERROR, exit_code, out_of_space
+from moe_cl.storage.slurm_jobs import slurm_job_ended
 
 CONFIG = "config.yaml"
 RESULTS = "results.json"
@@ -340,9 +341,8 @@ def _is_stale(holder: dict) -> bool:
     if job and holder.get("slurm_job") == job and holder.get("slurm_restart", 0) < _slurm_restart():
         return True
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        other = str(holder.get("slurm_job") or "")  # squeue prints nothing for an ended job
-        return other.isdigit() and other != job and not os.popen(  # digits only: no injection
-            f"squeue -h -j {other} -o %T 2>&1 | grep -v 'Invalid job id'").read().strip()
+        other = str(holder.get("slurm_job") or "")
+        return other != job and slurm_job_ended(other)
     return holder["pid"] == os.getpid() or not _alive(holder["pid"])
 
 
